@@ -1,0 +1,304 @@
+"""From a recipe file (plus `extends` bases and command-line overrides) to a validated `Recipe`.
+
+Every problem is reported with the position of the offending item in the file that wrote it, so a value
+inherited through `extends` points into the base file, and a `--set` value points at the flag.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from dgrun.errors import Position, Problem, RecipeError, format_location
+from dgrun.recipe import VARIANT_KEYS, Recipe, model_at
+from dgrun.yamlio import DataPath, Document, SourceMap, load_file, parse_scalar
+
+MAX_EXTENDS_DEPTH = 16
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated recipe with the positions of everything in it (for planner errors) and its file."""
+
+    recipe: Recipe
+    source: SourceMap
+    path: Path
+
+    def problem(self, path: DataPath, message: str, key: bool = False) -> Problem:
+        return Problem(self.source.locate(path, key=key), format_location(path), message)
+
+
+def load_recipe(path: Path, sets: list[str] = (), optimize: str | None = None) -> LoadedRecipe:
+    """Load, merge, override and validate; raise RecipeError listing every problem."""
+    document = _load_with_extends(Path(path), [], str(path))
+    data, source = document.data, document.source
+    problems: list[Problem] = []
+    for index, assignment in enumerate(sets):
+        try:
+            apply_set(data, source, assignment, index)
+        except RecipeError as error:
+            problems.extend(error.problems)
+    if optimize is not None:
+        try:
+            steps = parse_optimize_shorthand(optimize)
+            flag_position = Position(f"<--optimize {optimize}>")
+            data["optimize"] = steps
+            source.replace_subtree(("optimize",), SourceMap(values={("optimize",): flag_position}))
+        except ValueError as exc:
+            problems.append(Problem(Position(f"<--optimize {optimize}>"), "optimize", str(exc)))
+    if problems:
+        raise RecipeError(problems)
+    data.pop("extends", None)
+    recipe = validate(data, source)
+    return LoadedRecipe(recipe, source, Path(path))
+
+
+def recipe_from_resolved(data: dict[str, Any], origin: str) -> Recipe:
+    """Rebuild a recipe from a run record's resolved form (used by reproduce and resume)."""
+    return validate(dict(data), SourceMap(default=Position(origin)))
+
+
+def _load_with_extends(path: Path, chain: list[Path], display: str) -> Document:
+    document = load_file(path, display)
+    data = document.data
+    if data is None:
+        raise RecipeError([Problem(Position(display), "", "the file is empty; a recipe is a mapping")])
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        message = f"a recipe is a mapping of keys (dgrun, name, model, ...), not a {kind}"
+        raise RecipeError([Problem(document.source.locate(()), "", message)])
+    base_name = data.get("extends")
+    if base_name is None:
+        return document
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise RecipeError([_problem(document.source, ("extends",), "must be a relative path to a recipe")])
+    base_path = (path.parent / base_name).resolve()
+    if Path(base_name).is_absolute():
+        raise RecipeError([_problem(document.source, ("extends",), "must be relative to this file")])
+    here = path.resolve()
+    if base_path in (*chain, here):
+        cycle = " -> ".join(p.name for p in (*chain, here, base_path))
+        raise RecipeError([_problem(document.source, ("extends",), f"extends cycle: {cycle}")])
+    if len(chain) >= MAX_EXTENDS_DEPTH:
+        raise RecipeError([_problem(document.source, ("extends",), "extends chain is too deep")])
+    if not base_path.is_file():
+        message = f"base recipe {base_name!r} not found (looked at {base_path})"
+        raise RecipeError([_problem(document.source, ("extends",), message)])
+    base = _load_with_extends(base_path, [*chain, here], _display_path(base_path))
+    base.data.pop("extends", None)
+    merged = _deep_merge(base.data, data, base.source, document.source, ())
+    return Document(merged, base.source)
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _deep_merge(
+    base: dict, override: dict, base_src: SourceMap, over_src: SourceMap, prefix: DataPath
+) -> dict:
+    """Mappings merge key by key; lists and scalars replace. Positions follow the value that wins."""
+    result = dict(base)
+    for key, value in override.items():
+        path = (*prefix, key)
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = _deep_merge(result[key], value, base_src, over_src, path)
+            if path in over_src.keys:
+                base_src.keys[path] = over_src.keys[path]
+        else:
+            result[key] = value
+            n = len(path)
+            subtree = SourceMap(
+                values={p: v for p, v in over_src.values.items() if p[:n] == path},
+                keys={p: v for p, v in over_src.keys.items() if p[:n] == path},
+            )
+            base_src.replace_subtree(path, subtree)
+    return result
+
+
+def _problem(source: SourceMap, path: DataPath, message: str, key: bool = False) -> Problem:
+    return Problem(source.locate(path, key=key), format_location(path), message)
+
+
+def apply_set(data: dict, source: SourceMap, assignment: str, index: int = 0) -> None:
+    """Apply one `--set key.path=value` (value read as YAML) to the merged recipe data."""
+    flag = Position(f"<--set {assignment}>")
+    key_path, sep, raw = assignment.partition("=")
+    if not sep or not key_path.strip():
+        raise RecipeError([Problem(flag, "", "expected KEY.PATH=VALUE, e.g. generate.steps=4")])
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key_path.strip().split(".")]
+    if any(p == "" for p in parts):
+        raise RecipeError([Problem(flag, "", f"bad key path {key_path!r}")])
+    try:
+        value = parse_scalar(raw, flag.file)
+    except RecipeError as error:
+        raise RecipeError([Problem(flag, key_path, p.message) for p in error.problems]) from None
+    target: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(target, list) and isinstance(part, int) and part < len(target):
+            target = target[part]
+            continue
+        if not isinstance(target, dict):
+            where = format_location(tuple(parts[:depth]))
+            raise RecipeError([Problem(flag, key_path, f"{where} is not a mapping")])
+        target = target.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(target, list) and isinstance(last, int) and last < len(target):
+        target[last] = value
+    elif isinstance(target, dict):
+        target[last] = value
+    else:
+        raise RecipeError([Problem(flag, key_path, "cannot set a value here")])
+    source.replace_subtree(tuple(parts), SourceMap(values={tuple(parts): flag}))
+
+
+_SPLIT_RE = re.compile(r",(?![^\[\]{}]*[\]}])")
+
+
+def parse_optimize_shorthand(text: str) -> list[str | dict[str, Any]]:
+    """`deepcache:interval=2,branch_id=1,compile` → [{deepcache: {interval: 2, branch_id: 1}}, compile].
+
+    A comma-separated token with `=` but no `:` adds a parameter to the step before it; values are read
+    as YAML (`backend=[flash,native]` is a list).
+    """
+    steps: list[str | dict[str, Any]] = []
+    for token in (t.strip() for t in _SPLIT_RE.split(text)):
+        if not token:
+            continue
+        name, colon, rest = token.partition(":")
+        if colon and "=" not in name:
+            params: dict[str, Any] = {}
+            steps.append({name.strip(): params})
+            assignments = [rest] if rest.strip() else []
+        elif "=" in token and steps and isinstance(steps[-1], dict):
+            params = next(iter(steps[-1].values()))
+            assignments = [token]
+        elif "=" in token:
+            raise ValueError(f"parameter {token!r} does not follow a `step:` item")
+        else:
+            steps.append(token)
+            continue
+        for assignment in assignments:
+            key, eq, raw = assignment.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"expected key=value after {name!r}, got {assignment!r}")
+            params[key.strip()] = parse_scalar(raw, "<--optimize>")
+    return steps
+
+
+def validate(data: dict[str, Any], source: SourceMap) -> Recipe:
+    """Validate merged data, then each variant merged onto it; map pydantic errors to positions."""
+    problems = _duplicate_names(data, source)
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        problems.extend(_translate(error, source, ()))
+    variants = data.get("variants")
+    if recipe is not None and isinstance(variants, list):
+        for index, variant in enumerate(recipe.variants):
+            merged = apply_variant(data, variant.overrides())
+            try:
+                Recipe.model_validate(merged)
+            except ValidationError as error:
+                for problem in _translate(error, source, ("variants", index), variant.overrides()):
+                    if problem not in problems:
+                        problems.append(problem)
+    if problems:
+        raise RecipeError(problems)
+    assert recipe is not None
+    return recipe
+
+
+def _duplicate_names(data: dict[str, Any], source: SourceMap) -> list[Problem]:
+    """Prompt ids and variant names must be unique; point at the second use."""
+    problems = []
+    for field, key, reserved in (("prompts", "id", None), ("variants", "name", "baseline")):
+        items = data.get(field)
+        seen: dict[Any, int] = {}
+        for index, item in enumerate(items if isinstance(items, list) else []):
+            value = item.get(key) if isinstance(item, dict) else None
+            if value is None:
+                continue
+            path = (field, index, key)
+            if value == reserved:
+                problems.append(_problem(source, path, f"{value!r} is reserved for the automatic baseline"))
+            elif value in seen:
+                message = f"{key} {value!r} is already used by {field}[{seen[value]}]"
+                problems.append(_problem(source, path, message))
+            else:
+                seen[value] = index
+    return problems
+
+
+def apply_variant(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recipe data with a variant's overrides merged in (mappings merge, lists replace), no variants."""
+    merged = {k: v for k, v in data.items() if k != "variants"}
+    for key in VARIANT_KEYS:
+        if key not in overrides:
+            continue
+        value = overrides[key]
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _translate(
+    error: ValidationError, source: SourceMap, variant: DataPath, overrides: dict | None = None
+) -> list[Problem]:
+    problems = []
+    for item in error.errors(include_url=False):
+        loc: DataPath = tuple(item["loc"])
+        if variant and overrides is not None:
+            if loc and loc[0] in overrides:
+                loc = (*variant, *loc)
+            else:
+                continue  # the base recipe's own problem, reported once already
+        kind = item["type"]
+        if kind == "missing":
+            parent = loc[:-1]
+            problems.append(
+                Problem(source.locate(parent), format_location(parent), f"missing key {loc[-1]!r}")
+            )
+        elif kind == "extra_forbidden":
+            message = f"unknown key {loc[-1]!r}{_suggest(loc)}"
+            problems.append(Problem(source.locate(loc, key=True), format_location(loc[:-1]), message))
+        else:
+            message = _message(item)
+            problems.append(Problem(source.locate(loc), format_location(loc), message))
+    return problems
+
+
+def _suggest(loc: DataPath) -> str:
+    model = model_at(tuple(p for p in loc[:-1] if not (isinstance(p, str) and p == "params")))
+    if model is None:
+        return ""
+    names = [n for n in model.model_fields if n != "params"]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; allowed: {', '.join(names)}"
+
+
+def _message(item: dict[str, Any]) -> str:
+    message = item["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if item["type"] in ("string_type", "int_type", "float_type", "bool_type", "dict_type", "list_type"):
+        message += f" (got {type(item['input']).__name__} {_short(item['input'])})"
+    return message
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

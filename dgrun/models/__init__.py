@@ -1,0 +1,108 @@
+"""Built-in `dgrun:` models and model-kind detection that works without importing torch.
+
+`dgrun check` must know whether a recipe's model is a UNet or a transformer pipeline before anything is
+loaded: for built-in models the catalogue below says so, for local directories `model_index.json` does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dgrun.optimizer import ModelKind
+
+BUILTIN_PREFIX = "dgrun:"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A pipeline dgrun builds or ships itself, so recipes and tests run without a model hub."""
+
+    name: str
+    kind: ModelKind
+    builder: str
+    pipeline_class: str
+    native_size: int
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    model.name: model
+    for model in (
+        BuiltinModel(
+            "tiny-sd",
+            ModelKind.UNET,
+            "dgrun.models.tiny:build_tiny_sd",
+            "StableDiffusionPipeline",
+            32,
+            "random-weight Stable Diffusion pipeline (UNet), built in code; for tests",
+        ),
+        BuiltinModel(
+            "tiny-flux",
+            ModelKind.TRANSFORMER,
+            "dgrun.models.tiny:build_tiny_flux",
+            "FluxPipeline",
+            32,
+            "random-weight FLUX pipeline (transformer), built in code; for tests",
+        ),
+    )
+}
+
+
+def builtin_model(model_id: str) -> BuiltinModel | None:
+    """The built-in model a `dgrun:NAME` id names, or None for other ids."""
+    if not model_id.startswith(BUILTIN_PREFIX):
+        return None
+    return BUILTIN_MODELS.get(model_id[len(BUILTIN_PREFIX) :])
+
+
+def unknown_builtin_message(model_id: str) -> str:
+    names = ", ".join(f"{BUILTIN_PREFIX}{n}" for n in BUILTIN_MODELS)
+    return f"unknown built-in model {model_id!r}; available: {names}"
+
+
+def kind_from_components(components: dict[str, Any]) -> ModelKind | None:
+    """UNet or transformer, from a pipeline's component names (model_index.json keys or pipe.components)."""
+    if components.get("unet") is not None:
+        return ModelKind.UNET
+    if components.get("transformer") is not None:
+        return ModelKind.TRANSFORMER
+    return None
+
+
+def static_model_info(model_id: str, base_dir: Path | None = None) -> tuple[ModelKind | None, str]:
+    """Model kind and a label for messages, known without loading (None for hub ids)."""
+    builtin = builtin_model(model_id)
+    if builtin is not None:
+        return builtin.kind, f"{model_id} ({builtin.pipeline_class})"
+    if model_id.startswith(BUILTIN_PREFIX):
+        return None, model_id
+    directory = Path(model_id).expanduser()
+    if not directory.is_absolute() and base_dir is not None and not directory.exists():
+        directory = base_dir / directory
+    index = directory / "model_index.json"
+    if index.is_file():
+        try:
+            components = json.loads(index.read_text())
+        except (OSError, ValueError):
+            return None, model_id
+        if not isinstance(components, dict):
+            return None, model_id
+        label = f"{model_id} ({components.get('_class_name', 'pipeline')})"
+        return kind_from_components({k: v for k, v in components.items() if not k.startswith("_")}), label
+    return None, model_id
+
+
+def load_builtin(model_id: str, device: str, dtype: Any) -> Any:
+    """Build a built-in pipeline and move it to `device`/`dtype`."""
+    import importlib
+
+    builtin = builtin_model(model_id)
+    if builtin is None:
+        raise KeyError(unknown_builtin_message(model_id))
+    module_name, function_name = builtin.builder.split(":")
+    builder = getattr(importlib.import_module(module_name), function_name)
+    pipe = builder(dtype=dtype)
+    return pipe.to(device)

@@ -1,0 +1,240 @@
+"""The recipe format (DESIGN §2) as pydantic v2 models, strict and closed (`extra="forbid"`) everywhere.
+
+Step parameters are validated later by the planner, against the params model of the optimizer that the
+plugin registry resolves the step name to; here a step is only checked to be a name or a one-key mapping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+STEP_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+PROMPT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+OUTPUT_PLACEHOLDERS = ("name", "hash")
+
+OnUnavailable = Literal["fail", "skip"]
+
+
+class Strict(BaseModel):
+    """Base for every recipe model: unknown keys are errors, and `"3"` is not a number."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelSpec(Strict):
+    """Which pipeline to load, and how."""
+
+    id: str = Field(
+        min_length=1, description="diffusers repo id, local directory, or a built-in `dgrun:` model"
+    )
+    pipeline: str = Field("auto", description="diffusers pipeline class name, or auto")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+    revision: str | None = None
+    variant: str | None = None
+    trust_remote_code: bool = Field(False, description="honoured only with the CLI flag --trust-remote-code")
+
+
+class GenerateSpec(Strict):
+    """Arguments of the pipeline call, and the seed schedule."""
+
+    steps: int = Field(20, ge=1, le=10_000)
+    guidance_scale: float | None = Field(None, ge=0, description="null: the pipeline's own default")
+    width: int | None = Field(
+        None, ge=8, le=16384, multiple_of=8, description="null: the model's native size"
+    )
+    height: int | None = Field(
+        None, ge=8, le=16384, multiple_of=8, description="null: the model's native size"
+    )
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="prompt i without its own seed uses seed + i")
+    batch_size: int = Field(1, ge=1, le=4096, description="prompts per pipeline call")
+    images_per_prompt: int = Field(1, ge=1, le=1024)
+    negative_prompt: str | None = None
+    warmup: int = Field(0, ge=0, le=1000, description="untimed warmup calls before the first timed image")
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments to the pipeline call"
+    )
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_keys_are_identifiers(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = {"prompt", "negative_prompt", "num_inference_steps", "generator", "output_type"}
+        for key in value:
+            if not key.isidentifier():
+                raise ValueError(f"{key!r} is not a keyword argument name")
+            if key in reserved:
+                raise ValueError(f"{key!r} is set by dgrun itself; use the recipe's own keys")
+        return value
+
+
+class PromptSpec(Strict):
+    """One prompt; a bare string in the recipe is shorthand for `{text: ...}`."""
+
+    text: str = Field(min_length=1)
+    id: str | None = Field(None, pattern=PROMPT_ID_PATTERN, max_length=80)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    negative: str | None = None
+
+
+def _prompt_item(value: Any) -> Any:
+    return {"text": value} if isinstance(value, str) else value
+
+
+def _step_item(value: Any) -> Any:
+    """Normalise `name` / `{name: params-or-null}` to the StepSpec fields."""
+    if isinstance(value, str):
+        return {"name": value, "params": {}}
+    if isinstance(value, dict):
+        if len(value) != 1:
+            names = ", ".join(map(str, value)) or "nothing"
+            raise ValueError(
+                f"a step mapping has exactly one key, the step name (found {names}); "
+                "put each step in its own list item"
+            )
+        ((name, params),) = value.items()
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ValueError(
+                f"the parameters of step {name!r} must be a mapping like {{{name}: {{key: value}}}}, "
+                f"not {type(params).__name__}"
+            )
+        params = dict(params)
+        result: dict[str, Any] = {"name": name, "params": params}
+        if "on_unavailable" in params:
+            result["on_unavailable"] = params.pop("on_unavailable")
+        return result
+    if isinstance(value, StepSpec):
+        return value
+    raise ValueError(f"a step is a name or a one-key mapping {{name: params}}, not {type(value).__name__}")
+
+
+class StepSpec(Strict):
+    """One optimization step as written: its name, raw params and its `on_unavailable` override."""
+
+    name: str = Field(pattern=STEP_NAME_PATTERN, description="snake_case step name")
+    params: dict[str, Any] = Field(default_factory=dict)
+    on_unavailable: OnUnavailable | None = None
+
+    def as_item(self) -> str | dict[str, Any]:
+        """The recipe form of this step (bare name when it has no params)."""
+        params = dict(self.params)
+        if self.on_unavailable is not None:
+            params["on_unavailable"] = self.on_unavailable
+        return {self.name: params} if params else self.name
+
+
+PromptItem = Annotated[PromptSpec, BeforeValidator(_prompt_item, json_schema_input_type=str | PromptSpec)]
+StepItem = Annotated[
+    StepSpec,
+    BeforeValidator(_step_item, json_schema_input_type=str | dict[str, dict[str, Any] | None]),
+]
+
+
+class OutputSpec(Strict):
+    """Where images and run.json go."""
+
+    dir: str = Field("outputs/{name}", min_length=1, description="relative path; {name} and {hash} allowed")
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_is_safe(cls, value: str) -> str:
+        if "\0" in value:
+            raise ValueError("contains a NUL character")
+        for placeholder in re.findall(r"{([^}]*)}", value):
+            if placeholder not in OUTPUT_PLACEHOLDERS:
+                raise ValueError(f"unknown placeholder {{{placeholder}}}; allowed: {{name}}, {{hash}}")
+        if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+            raise ValueError("must be relative to the working directory; give --out for an absolute path")
+        if ".." in re.split(r"[\\/]", value):
+            raise ValueError("must not leave the working directory ('..')")
+        return value
+
+
+VARIANT_KEYS = ("model", "generate", "optimize", "on_unavailable")
+
+
+class VariantSpec(Strict):
+    """A named override of parts of the recipe, compared against the baseline by `dgrun bench`."""
+
+    name: str = Field(pattern=NAME_PATTERN, max_length=80)
+    description: str | None = None
+    model: dict[str, Any] | None = None
+    generate: dict[str, Any] | None = None
+    optimize: list[StepItem] | None = None
+    on_unavailable: OnUnavailable | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The recipe keys this variant replaces, in recipe (plain data) form."""
+        result: dict[str, Any] = {}
+        for key in VARIANT_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                result[key] = [s.as_item() for s in value] if key == "optimize" else value
+        return result
+
+
+class Recipe(Strict):
+    """A whole recipe, after `extends` and command-line overrides have been merged in."""
+
+    dgrun: Literal[1] = Field(description="recipe format version")
+    name: str = Field(pattern=NAME_PATTERN, max_length=80, description="used in output paths")
+    description: str | None = None
+    extends: str | None = Field(None, description="base recipe, relative to this file")
+    model: ModelSpec
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+    optimize: list[StepItem] = Field(default_factory=list, description="ordered; applied top to bottom")
+    on_unavailable: OnUnavailable = "fail"
+    prompts: list[PromptItem] = Field(min_length=1, max_length=100_000)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    variants: list[VariantSpec] = Field(default_factory=list)
+
+    def resolved(self) -> dict[str, Any]:
+        """Plain-data form stored in run records: everything explicit, `extends` already merged."""
+        data = self.model_dump(mode="json")
+        data["extends"] = None
+        return data
+
+    def sha256(self) -> str:
+        return recipe_hash(self.resolved())
+
+
+def recipe_hash(resolved: dict[str, Any]) -> str:
+    """Stable hash of a resolved recipe (canonical JSON)."""
+    canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# Nested models by field name, for "did you mean" suggestions on unknown keys.
+NESTED_MODELS: dict[type[BaseModel], dict[str, type[BaseModel]]] = {
+    Recipe: {
+        "model": ModelSpec,
+        "generate": GenerateSpec,
+        "prompts": PromptSpec,
+        "output": OutputSpec,
+        "variants": VariantSpec,
+        "optimize": StepSpec,
+    },
+    VariantSpec: {"optimize": StepSpec},
+}
+
+
+def model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The recipe model class that validates the mapping at `path`, if any."""
+    current: type[BaseModel] = Recipe
+    for part in path:
+        if isinstance(part, int):
+            continue
+        nested = NESTED_MODELS.get(current, {}).get(part)
+        if nested is None:
+            return None
+        current = nested
+    return current

@@ -1,0 +1,147 @@
+"""Run records and image files: atomic writes, PNG metadata, versions, hashes (DESIGN §6).
+
+Nothing here may make images depend on time or paths: the PNG's `dgrun` chunk holds only the resolved
+recipe, the prompt, the seed and versions, so the same recipe with the same versions gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RECORD_FILE = "run.json"
+RECORD_SCHEMA = 1
+PNG_CHUNK = "dgrun"
+TRACKED_PACKAGES = (
+    "dgrun",
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "numpy",
+    "pillow",
+    "safetensors",
+)
+
+
+def package_versions(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Versions that decide whether a run is reproducible: Python, the ML stack, and plugins."""
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    if extra:
+        versions.update(extra)
+    return versions
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file in the same directory, fsync, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False, default=str) + "\n"
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A run record, or None if it is missing or unreadable (e.g. written by something else)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def png_metadata(info: dict[str, Any]) -> str:
+    return json.dumps(info, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def write_png(path: Path, image: Any, info: dict[str, Any]) -> str:
+    """Save a PIL image as PNG with the `dgrun` tEXt chunk, atomically; return its sha256."""
+    from PIL.PngImagePlugin import PngInfo
+
+    chunk = PngInfo()
+    chunk.add_text(PNG_CHUNK, png_metadata(info))
+    _atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=chunk))
+    return sha256_file(path)
+
+
+def read_png_metadata(path: Path) -> dict[str, Any] | None:
+    """The `dgrun` chunk of a PNG written by dgrun, or None."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}).get(PNG_CHUNK)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def git_state(path: Path) -> dict[str, Any] | None:
+    """Commit and dirtiness of the git checkout holding the recipe, so a run can be traced to history."""
+    directory = path.resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--", str(path.resolve())],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "recipe_modified": bool(status.stdout.strip())}
+
+
+def peak_memory(device_kind: str) -> dict[str, Any]:
+    """Peak memory so far: CUDA max allocated on GPU, the process's peak RSS otherwise."""
+    if device_kind == "cuda":
+        import torch
+
+        return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated())}
+    try:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024
+        return {"kind": "peak_rss", "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)}
+    except ImportError:
+        return {"kind": "unavailable", "bytes": None}

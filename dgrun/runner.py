@@ -1,0 +1,456 @@
+"""Run a recipe: plan, load once, apply the steps, warm up, generate, record (DESIGN §1, §6).
+
+The runner never prints: it reports through a `RunObserver` (the CLI's shows rich progress). The run
+record is written when the run starts, after every batch, and on failure or Ctrl-C, always atomically,
+so an interrupted run can be resumed and never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dgrun import __version__
+from dgrun.errors import DgrunError, RecipeError, RunError
+from dgrun.loading import LoadedRecipe
+from dgrun.models import builtin_model, kind_from_components, static_model_info
+from dgrun.optimizer import ApplyContext, Environment, Stage, StepResult
+from dgrun.outputs import (
+    ImageJob,
+    Previous,
+    check_writable,
+    image_jobs,
+    inspect_output_dir,
+    resolve_output_dir,
+)
+from dgrun.planner import Plan, PlannedStep, kind_problems, make_plan
+from dgrun.plugins import Registry
+from dgrun.records import (
+    RECORD_FILE,
+    RECORD_SCHEMA,
+    git_state,
+    package_versions,
+    peak_memory,
+    write_json,
+    write_png,
+)
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+MEMORY_HINT = (
+    "out of memory: try the memory steps (vae_slicing, vae_tiling, cpu_offload, group_offloading), "
+    "a smaller batch_size, or a smaller image"
+)
+
+
+@dataclass
+class RunOptions:
+    """Command-line choices that are not part of the recipe."""
+
+    out: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    trust_remote_code: bool = False
+    argv: list[str] = field(default_factory=list)
+
+
+class RunObserver:
+    """Progress callbacks; the default does nothing (tests, library use)."""
+
+    def stage(self, message: str) -> None: ...
+
+    def warning(self, message: str) -> None: ...
+
+    def step_done(self, step: PlannedStep) -> None: ...
+
+    def generation_started(self, total: int, already_done: int) -> None: ...
+
+    def image_done(self, image: dict[str, Any]) -> None: ...
+
+
+def resolve_dtype(name: str, device_kind: str) -> Any:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device_kind == "cuda" else torch.float32
+    return getattr(torch, DTYPES[name])
+
+
+def native_size(pipe: Any, model_id: str) -> tuple[int, int]:
+    """The size a pipeline makes when width/height are not given."""
+    builtin = builtin_model(model_id)
+    if builtin is not None:
+        return builtin.native_size, builtin.native_size
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    sample = getattr(pipe, "default_sample_size", None)
+    if sample is None:
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        sample = getattr(getattr(denoiser, "config", None), "sample_size", 64)
+    if isinstance(sample, (tuple, list)):
+        sample = sample[0]
+    return int(sample) * scale, int(sample) * scale
+
+
+class Run:
+    """One execution of a recipe into one output directory."""
+
+    def __init__(self, loaded: LoadedRecipe, registry: Registry, options: RunOptions, observer: RunObserver):
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.registry = registry
+        self.options = options
+        self.observer = observer
+        self.sha = self.recipe.sha256()
+        self.out_dir = resolve_output_dir(self.recipe, options.out)
+        self.jobs = image_jobs(self.recipe)
+        self.record: dict[str, Any] = {}
+        self.plan: Plan | None = None
+        self.pipe: Any = None
+        self.first_call_done = False
+
+    # ----------------------------------------------------------------------------------------- setup
+    def prepare(self) -> Previous:
+        """Everything that can fail on bad input, before any model is loaded or file written."""
+        self.registry.check_consistent()
+        previous = inspect_output_dir(self.out_dir, self.sha, self.options.overwrite, self.options.resume)
+        env = Environment.probe(self.recipe.model.device)
+        kind, label = static_model_info(self.recipe.model.id, self.loaded.path.parent)
+        self.plan = make_plan(
+            self.recipe.optimize,
+            self.registry,
+            env,
+            self.loaded.source,
+            self.recipe.on_unavailable,
+            model_kind=kind,
+            model_label=label,
+        )
+        blocking = self.plan.blocking()
+        if blocking:
+            lines = [f"step {s.name!r} cannot run here: {s.reason}" for s in blocking]
+            lines.append(
+                "give the step `on_unavailable: skip` (or the recipe `on_unavailable: skip`) to skip it"
+            )
+            raise RunError("\n".join(lines))
+        check_writable(self.out_dir)
+        return previous
+
+    def start_record(self) -> None:
+        assert self.plan is not None
+        recipe_flag = self.recipe.model.trust_remote_code
+        self.record = {
+            "schema": RECORD_SCHEMA,
+            "status": "running",
+            "dgrun": __version__,
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished_at": None,
+            "command": self.options.argv,
+            "recipe_file": str(self.loaded.path),
+            "git": git_state(self.loaded.path),
+            "recipe": self.recipe.resolved(),
+            "recipe_sha256": self.sha,
+            "versions": package_versions(self.plugin_versions()),
+            "plugins": [
+                {"name": p.name, "distribution": p.distribution, "version": p.version, "error": p.error}
+                for p in self.registry.plugins
+            ],
+            "device": self.plan.env.device,
+            "dtype": None,
+            "model": {"id": self.recipe.model.id, "kind": None, "pipeline_class": None},
+            "trust_remote_code": {
+                "recipe": recipe_flag,
+                "command_line": self.options.trust_remote_code,
+                "effective": recipe_flag and self.options.trust_remote_code,
+            },
+            "plan": [s.record() for s in self.plan.steps],
+            "timings": {"load_seconds": None, "apply_seconds": None, "warmup_seconds": None},
+            "peak_memory": None,
+            "images": [],
+            "error": None,
+        }
+
+    def plugin_versions(self) -> dict[str, str]:
+        return {
+            p.distribution: p.version
+            for p in self.registry.plugins
+            if p.distribution != "dgrun" and p.version
+        }
+
+    def save(self) -> None:
+        if self.plan is not None:
+            self.record["plan"] = [s.record() for s in self.plan.steps]
+        write_json(self.out_dir / RECORD_FILE, self.record)
+
+    # ------------------------------------------------------------------------------------------- run
+    def execute(self) -> dict[str, Any]:
+        previous = self.prepare()
+        self.start_record()
+        self.save()
+        try:
+            self._run(previous)
+        except KeyboardInterrupt:
+            self._finish("interrupted", "interrupted by the user (Ctrl-C); `--resume` finishes the run")
+            raise
+        except DgrunError as exc:
+            self._finish("failed", str(exc))
+            raise
+        except Exception as exc:
+            message = self._describe(exc)
+            self._finish("failed", message)
+            raise RunError(message) from exc
+        self._finish("complete", None)
+        return self.record
+
+    def _describe(self, exc: BaseException) -> str:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return MEMORY_HINT + f" ({str(exc).splitlines()[0] if str(exc) else 'OutOfMemoryError'})"
+        return f"{type(exc).__name__}: {exc}"
+
+    def _finish(self, status: str, error: str | None) -> None:
+        self.record["status"] = status
+        self.record["error"] = error
+        self.record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if self.plan is not None:
+            with contextlib.suppress(Exception):
+                self.record["peak_memory"] = peak_memory(self.plan.env.device_kind)
+        self.save()
+
+    def _run(self, previous: Previous) -> None:
+        import torch
+
+        assert self.plan is not None
+        _quiet_libraries()
+        env = self.plan.env
+        dtype = resolve_dtype(self.recipe.model.dtype, env.device_kind)
+        self.record["dtype"] = str(dtype).removeprefix("torch.")
+        ctx = ApplyContext(env=env, model_kind=self.plan.model_kind, dtype=dtype)
+
+        started = time.perf_counter()
+        for step in self.plan.ordered():
+            if step.stage is Stage.PROCESS:
+                self._apply(step, None, ctx)
+        self.observer.stage(f"loading {self.recipe.model.id}")
+        load_started = time.perf_counter()
+        self.pipe = self._load(ctx, dtype)
+        self.record["timings"]["load_seconds"] = round(time.perf_counter() - load_started, 4)
+
+        apply_started = time.perf_counter()
+        width, height = native_size(self.pipe, self.recipe.model.id)
+        ctx.width = self.recipe.generate.width or width
+        ctx.height = self.recipe.generate.height or height
+        for step in self.plan.ordered():
+            if step.stage is not Stage.PROCESS:
+                self._apply(step, self.pipe, ctx)
+        self.record["timings"]["apply_seconds"] = round(time.perf_counter() - apply_started, 4)
+        self.save()
+
+        todo = [job for job in self.jobs if job.file not in previous.done]
+        self.record["images"] = [previous.done[job.file] for job in self.jobs if job.file in previous.done]
+        with torch.inference_mode():
+            warmup_started = time.perf_counter()
+            for index in range(self.recipe.generate.warmup):
+                self.observer.stage(f"warmup call {index + 1} of {self.recipe.generate.warmup}")
+                self._call(self._batches(self.jobs)[0], warmup=True)
+            self.record["timings"]["warmup_seconds"] = round(time.perf_counter() - warmup_started, 4)
+            self.observer.generation_started(len(self.jobs), len(self.jobs) - len(todo))
+            for batch in self._batches(todo):
+                self._generate(batch)
+        self.record["timings"]["total_seconds"] = round(time.perf_counter() - started, 4)
+
+    def _load(self, ctx: ApplyContext, dtype: Any) -> Any:
+        from dgrun.models.hub import load_diffusers_pipeline
+
+        model = self.recipe.model
+        extra: dict[str, Any] = {}
+        for step in self.plan.ordered():
+            if step.stage is Stage.LOAD and step.runnable:
+                step.optimizer = step.info.cls(step.params)
+                extra.update(step.optimizer.load_kwargs(ctx))
+        pipe = self.registry.load_pipeline(model, ctx.env.device, dtype)
+        if pipe is None:
+            trust = model.trust_remote_code and self.options.trust_remote_code
+            pipe = load_diffusers_pipeline(
+                model, ctx.env.device, dtype, trust, extra, self.loaded.path.parent
+            )
+        with contextlib.suppress(Exception):
+            pipe.set_progress_bar_config(disable=True)
+        kind = kind_from_components(getattr(pipe, "components", {}))
+        self.record["model"].update(kind=kind.value if kind else None, pipeline_class=type(pipe).__name__)
+        if kind is not None and self.plan.model_kind is None:
+            self.plan.model_kind = ctx.model_kind = kind
+            label = f"{model.id} ({type(pipe).__name__})"
+            problems = kind_problems(self.plan.steps, kind, label, self.loaded.source)
+            if problems:
+                raise RecipeError(problems)
+        return pipe
+
+    def _apply(self, step: PlannedStep, pipe: Any, ctx: ApplyContext) -> None:
+        if not step.runnable:
+            step.status, step.detail = "skipped", step.reason
+            self.observer.step_done(step)
+            return
+        started = time.perf_counter()
+        try:
+            if step.optimizer is None:
+                step.optimizer = step.info.cls(step.params)
+            outcome = step.optimizer.apply(pipe, ctx)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if step.on_unavailable != "skip":
+                raise RunError(f"step {step.name!r} ({step.info.package}) failed to apply: {reason}") from exc
+            step.status, step.detail = "skipped", f"failed to apply: {reason}"
+        else:
+            if isinstance(outcome, StepResult):
+                step.status, step.detail = outcome.status, outcome.detail
+            else:
+                step.status, step.detail = "applied", outcome
+        step.seconds = round(time.perf_counter() - started, 4)
+        self.observer.step_done(step)
+
+    # ------------------------------------------------------------------------------------ generation
+    def _batches(self, jobs: list[ImageJob]) -> list[list[ImageJob]]:
+        """Group jobs into pipeline calls: `batch_size` prompts, each with all its images."""
+        groups = _group(jobs)
+        size = self.recipe.generate.batch_size
+        return [sum(groups[i : i + size], []) for i in range(0, len(groups), size)]
+
+    def _call(self, batch: list[ImageJob], warmup: bool = False) -> list[Any]:
+        """One pipeline call; the first one may trigger compilation, so failures there can be recovered."""
+        if self.first_call_done:
+            return self._pipeline_call(batch)
+        try:
+            images = self._pipeline_call(batch)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            if not self._recover(exc):
+                raise
+            images = self._pipeline_call(batch)
+        self.first_call_done = True
+        return images
+
+    def _recover(self, exc: BaseException) -> bool:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return False
+        recovered = False
+        for step in reversed(self.plan.ordered()):
+            if step.optimizer is None or step.status not in ("applied", "fell back"):
+                continue
+            message = step.optimizer.recover(self.pipe, exc)
+            if message is None:
+                continue
+            if step.explicit_fail:
+                raise RunError(f"step {step.name!r}: {message} (the step says on_unavailable: fail)") from exc
+            step.status, step.detail = "fell back", message
+            self.observer.warning(f"{step.name}: {message}")
+            recovered = True
+        return recovered
+
+    def _pipeline_call(self, batch: list[ImageJob]) -> list[Any]:
+        import torch
+
+        gen = self.recipe.generate
+        prompts = [jobs[0].prompt for jobs in _group(batch)]
+        kwargs: dict[str, Any] = {
+            "prompt": [p.text for p in prompts],
+            "num_inference_steps": gen.steps,
+            "num_images_per_prompt": gen.images_per_prompt,
+            "output_type": "pil",
+        }
+        negatives = [p.negative if p.negative is not None else gen.negative_prompt for p in prompts]
+        if any(n is not None for n in negatives):
+            kwargs["negative_prompt"] = [n or "" for n in negatives]
+        if gen.guidance_scale is not None:
+            kwargs["guidance_scale"] = gen.guidance_scale
+        if gen.width is not None:
+            kwargs["width"] = gen.width
+        if gen.height is not None:
+            kwargs["height"] = gen.height
+        generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
+        # One generator object per prompt, shared by its images, so draws do not depend on batching.
+        shared = {}
+        kwargs["generator"] = [shared.setdefault(job.prompt_index, g) for job, g in zip(batch, generators)]
+        if len(kwargs["generator"]) == 1:
+            kwargs["generator"] = kwargs["generator"][0]
+        kwargs.update(gen.extra)
+        return list(self.pipe(**kwargs).images)
+
+    def _generate(self, batch: list[ImageJob]) -> None:
+        started = time.perf_counter()
+        images = self._call(batch)
+        seconds = (time.perf_counter() - started) / len(batch)
+        versions = self.record["versions"]
+        for job, image in zip(batch, images):
+            info = {
+                "recipe": self.record["recipe"],
+                "recipe_sha256": self.sha,
+                "prompt": job.prompt.text,
+                "negative": job.prompt.negative
+                if job.prompt.negative is not None
+                else self.recipe.generate.negative_prompt,
+                "seed": job.seed,
+                "prompt_index": job.prompt_index,
+                "image_index": job.image_index,
+                "versions": versions,
+            }
+            digest = write_png(self.out_dir / job.file, image, info)
+            entry = {
+                "file": job.file,
+                "prompt_index": job.prompt_index,
+                "image_index": job.image_index,
+                "prompt_id": job.prompt.id,
+                "prompt": job.prompt.text,
+                "seed": job.seed,
+                "width": image.width,
+                "height": image.height,
+                "sha256": digest,
+                "seconds": round(seconds, 4),
+            }
+            self.record["images"].append(entry)
+            self.observer.image_done(entry)
+        self.record["images"].sort(key=lambda e: (e["prompt_index"], e["image_index"]))
+        self.save()
+
+
+def _group(jobs: list[ImageJob]) -> list[list[ImageJob]]:
+    """Jobs grouped by prompt, in order."""
+    groups: dict[int, list[ImageJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.prompt_index, []).append(job)
+    return list(groups.values())
+
+
+def _quiet_libraries() -> None:
+    """Silence library chatter that is not for dgrun's users (progress bars, experimental-API warnings)."""
+    import warnings
+
+    for name in ("diffusers", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    with contextlib.suppress(Exception):
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+
+
+def run_recipe(
+    loaded: LoadedRecipe, registry: Registry, options: RunOptions, observer: RunObserver | None = None
+) -> dict[str, Any]:
+    """Run a loaded recipe; return its run record. Raises RecipeError/UsageError/RunError/KeyboardInterrupt."""
+    run = Run(loaded, registry, options, observer or RunObserver())
+    return run.execute()

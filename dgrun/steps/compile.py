@@ -1,0 +1,91 @@
+"""torch.compile of pipeline components, with a fallback to eager when compilation fails."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from dgrun.optimizer import TAG_REWRITES_MODULES, ApplyContext, Optimizer, StepParams
+from dgrun.steps.denoiser import components
+
+
+class CompileParams(StepParams):
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    fullgraph: bool = False
+    dynamic: bool | None = None
+    components: list[str] | None = Field(None, description="default: the denoiser (unet or transformer)")
+    regional: bool = Field(False, description="compile only the repeated blocks (faster compile, same speed)")
+    vae_decode: bool = Field(False, description="also compile the VAE decoder")
+    backend: str = Field(
+        "inductor", min_length=1, description="torch.compile backend (inductor, aot_eager, ...)"
+    )
+
+
+class Compile(Optimizer):
+    """torch.compile the denoiser (in place, so the pipeline and its state dict keep their shape).
+
+    Compilation happens at the first call; if it fails there, `recover` restores eager modules so the
+    runner can retry — one console line and a record entry instead of a crash.
+    """
+
+    name = "compile"
+    summary = "torch.compile the denoiser (regional = repeated blocks only); falls back to eager"
+    Params = CompileParams
+    after = frozenset({"#" + TAG_REWRITES_MODULES})
+
+    def __init__(self, params: CompileParams):
+        super().__init__(params)
+        self._compiled: list[Any] = []
+        self._vae: Any = None
+
+    def _options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"fullgraph": self.params.fullgraph, "dynamic": self.params.dynamic}
+        options["backend"] = self.params.backend
+        if self.params.backend == "inductor":
+            options["mode"] = self.params.mode
+        return options
+
+    def apply(self, pipe: Any, ctx: ApplyContext) -> str | None:
+        import torch
+
+        options = self._options()
+        names = []
+        for component_name, module in components(pipe, self.params.components):
+            if not isinstance(module, torch.nn.Module):
+                raise RuntimeError(f"component {component_name!r} is not a torch module")
+            if self.params.regional:
+                blocks = getattr(module, "_repeated_blocks", None) or []
+                targets = [m for m in module.modules() if type(m).__name__ in blocks]
+                if not targets:
+                    raise RuntimeError(
+                        f"{type(module).__name__} declares no repeated blocks; use regional: false"
+                    )
+            else:
+                targets = [module]
+            for target in targets:
+                target.compile(**options)
+                self._compiled.append(target)
+            names.append(
+                f"{component_name} ({len(targets)} regions)" if self.params.regional else component_name
+            )
+        if self.params.vae_decode:
+            vae = pipe.vae
+            vae.decode = torch.compile(vae.decode, **options)
+            self._vae = vae
+            names.append("vae.decode")
+        mode = options.get("mode", "")
+        return f"{', '.join(names)} with {self.params.backend}{' ' + mode if mode else ''}"
+
+    def recover(self, pipe: Any, error: BaseException) -> str | None:
+        """Undo every compilation: the modules run eagerly again."""
+        if not self._compiled and self._vae is None:
+            return None
+        for module in self._compiled:
+            module._compiled_call_impl = None
+        self._compiled.clear()
+        if self._vae is not None:
+            del self._vae.decode
+            self._vae = None
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"fell back to eager: compilation failed ({type(error).__name__}: {first_line[:200]})"
