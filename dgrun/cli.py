@@ -25,7 +25,7 @@ COMMANDS = ("run", "check", "steps", "plugins", "schema")
 
 app = typer.Typer(
     name="dgrun",
-    help="Run diffusion-inference optimization recipes: `dgrun RECIPE.yaml` (same as `dgrun run RECIPE.yaml`).",
+    help="Run diffusion-inference optimization recipes. `dgrun RECIPE.yaml` = `dgrun run RECIPE.yaml`.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -221,7 +221,8 @@ def run(
 def _warn_broken_plugins(registry: Any) -> None:
     for plugin in registry.failed():
         err.print(
-            f"[yellow]warning: plugin {escape(plugin.distribution)} ({plugin.name}) {escape(plugin.error)}[/yellow]"
+            f"[yellow]warning: plugin {escape(plugin.distribution)} ({plugin.name}) "
+            f"{escape(plugin.error or '')}[/yellow]"
         )
 
 
@@ -246,7 +247,8 @@ def _print_plan(loaded: Any, registry: Any, explain: bool) -> list[Any]:
     )
     kind_text = kind.value if kind else "known when loaded"
     out.print(
-        f"[green]ok[/green] {escape(str(loaded.path))}: {escape(recipe.name)} · {escape(label)} · {kind_text} · device {env.device}"
+        f"[green]ok[/green] {escape(str(loaded.path))}: {escape(recipe.name)} · {escape(label)} · "
+        f"{kind_text} · device {env.device}"
     )
     for step in plan.ordered() if explain else plan.steps:
         if explain or step.reason:

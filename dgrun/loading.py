@@ -151,9 +151,8 @@ def apply_set(data: dict, source: SourceMap, assignment: str, index: int = 0) ->
             raise RecipeError([Problem(flag, key_path, f"{where} is not a mapping")])
         target = target.setdefault(part, {})
     last = parts[-1]
-    if isinstance(target, list) and isinstance(last, int) and last < len(target):
-        target[last] = value
-    elif isinstance(target, dict):
+    in_list = isinstance(target, list) and isinstance(last, int) and last < len(target)
+    if in_list or isinstance(target, dict):
         target[last] = value
     else:
         raise RecipeError([Problem(flag, key_path, "cannot set a value here")])

@@ -98,7 +98,8 @@ def inspect_output_dir(directory: Path, recipe_sha: str, overwrite: bool, resume
         if record is not None and record.get("recipe_sha256") != recipe_sha:
             raise UsageError(
                 f"output directory {directory} holds a run of a different recipe "
-                f"({record.get('recipe', {}).get('name', '?')}, sha256 {str(record.get('recipe_sha256'))[:12]}); "
+                f"({record.get('recipe', {}).get('name', '?')}, "
+                f"sha256 {str(record.get('recipe_sha256'))[:12]}); "
                 "pass --overwrite to replace it, or choose another --out"
             )
     if record is not None and overwrite:

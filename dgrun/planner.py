@@ -115,7 +115,7 @@ def make_plan(
         if spec.name in first_use:
             problem(
                 item_path,
-                f"step {spec.name!r} appears twice (first at {format_location((*prefix, first_use[spec.name]))})",
+                f"step {spec.name!r} appears twice (first at {_where(prefix, first_use[spec.name])})",
             )
             continue
         first_use[spec.name] = index
@@ -167,7 +167,7 @@ def _rule_problems(planned: list[PlannedStep], source: SourceMap, prefix: DataPa
             path = (*prefix, later.index)
             if any(matches(rule, b) for rule in a.conflicts) or any(matches(rule, a) for rule in b.conflicts):
                 message = (
-                    f"step {b.name!r} conflicts with {a.name!r} ({format_location((*prefix, earlier.index))}); "
+                    f"step {b.name!r} conflicts with {a.name!r} ({_where(prefix, earlier.index)}); "
                     f"keep only one of them"
                 )
                 problems.append(Problem(source.locate(path), format_location(path), message))
@@ -175,11 +175,15 @@ def _rule_problems(planned: list[PlannedStep], source: SourceMap, prefix: DataPa
             if any(matches(rule, b) for rule in a.after):
                 order = _valid_order(planned, move=later, before=earlier)
                 message = (
-                    f"step {b.name!r} must come before {a.name!r} ({format_location((*prefix, earlier.index))}), "
+                    f"step {b.name!r} must come before {a.name!r} ({_where(prefix, earlier.index)}), "
                     f"not after it; a valid order: {order}"
                 )
                 problems.append(Problem(source.locate(path), format_location(path), message))
     return problems
+
+
+def _where(prefix: DataPath, index: int) -> str:
+    return format_location((*prefix, index))
 
 
 def _valid_order(planned: list[PlannedStep], move: PlannedStep, before: PlannedStep) -> str:

@@ -56,7 +56,7 @@ def sha256_file(path: Path) -> str:
 def _atomic_write(path: Path, write: Any) -> None:
     """Write through a temp file in the same directory, fsync, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, before the rename
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     )
     try:

@@ -12,7 +12,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from dgrun import __version__
@@ -320,7 +319,7 @@ class Run:
         """Group jobs into pipeline calls: `batch_size` prompts, each with all its images."""
         groups = _group(jobs)
         size = self.recipe.generate.batch_size
-        return [sum(groups[i : i + size], []) for i in range(0, len(groups), size)]
+        return [[job for group in groups[i : i + size] for job in group] for i in range(0, len(groups), size)]
 
     def _call(self, batch: list[ImageJob], warmup: bool = False) -> list[Any]:
         """One pipeline call; the first one may trigger compilation, so failures there can be recovered."""
@@ -376,12 +375,13 @@ class Run:
             kwargs["width"] = gen.width
         if gen.height is not None:
             kwargs["height"] = gen.height
-        generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
-        # One generator object per prompt, shared by its images, so draws do not depend on batching.
-        shared = {}
-        kwargs["generator"] = [shared.setdefault(job.prompt_index, g) for job, g in zip(batch, generators)]
-        if len(kwargs["generator"]) == 1:
-            kwargs["generator"] = kwargs["generator"][0]
+        # One CPU generator per prompt, shared by its images: draws do not depend on batching or device.
+        per_prompt: dict[int, Any] = {}
+        for job in batch:
+            if job.prompt_index not in per_prompt:
+                per_prompt[job.prompt_index] = torch.Generator("cpu").manual_seed(job.seed)
+        generators = [per_prompt[job.prompt_index] for job in batch]
+        kwargs["generator"] = generators[0] if len(generators) == 1 else generators
         kwargs.update(gen.extra)
         return list(self.pipe(**kwargs).images)
 
@@ -390,7 +390,7 @@ class Run:
         images = self._call(batch)
         seconds = (time.perf_counter() - started) / len(batch)
         versions = self.record["versions"]
-        for job, image in zip(batch, images):
+        for job, image in zip(batch, images, strict=True):
             info = {
                 "recipe": self.record["recipe"],
                 "recipe_sha256": self.sha,
@@ -451,6 +451,9 @@ def _quiet_libraries() -> None:
 def run_recipe(
     loaded: LoadedRecipe, registry: Registry, options: RunOptions, observer: RunObserver | None = None
 ) -> dict[str, Any]:
-    """Run a loaded recipe; return its run record. Raises RecipeError/UsageError/RunError/KeyboardInterrupt."""
+    """Run a loaded recipe and return its record.
+
+    Raises RecipeError, UsageError, RunError or KeyboardInterrupt; the record on disk says which.
+    """
     run = Run(loaded, registry, options, observer or RunObserver())
     return run.execute()

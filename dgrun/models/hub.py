@@ -34,7 +34,7 @@ def load_diffusers_pipeline(
         kwargs["variant"] = model.variant
     try:
         pipe = pipeline_class.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         builtins = ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_MODELS)
         raise ModelLoadError(
