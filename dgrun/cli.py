@@ -7,6 +7,7 @@ torch is never imported by `--help`, `check`, `steps`, `plugins` or `schema`.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -211,10 +212,14 @@ def run(
     observer = RichObserver()
     runner = _guard(debug, lambda: Run(loaded, registry, options, observer))
     out.print(f"[bold]{escape(loaded.recipe.name)}[/bold] → {escape(str(runner.out_dir))}")
-    try:
-        record = _guard(debug, runner.execute)
-    finally:
-        observer.close()
+
+    def execute() -> dict[str, Any]:
+        try:
+            return runner.execute()
+        finally:
+            observer.close()
+
+    record = _guard(debug, execute)
     _summary(record, runner.out_dir)
 
 
@@ -368,6 +373,8 @@ def _root(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: `dgrun RECIPE ...` is shorthand for `dgrun run RECIPE ...`."""
+    # Ctrl-C must stop a run even when the launcher (a script's `&`, some CI runners) ignored SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in args if not a.startswith("-")), None)
     if first is not None and first not in COMMANDS and args and not args[0].startswith("--version"):

@@ -82,7 +82,7 @@ def test_plugin_owned_model_of_the_wrong_kind_is_caught_at_load(tmp_path):
 
     with (
         registered_plugin(_plugin(dgrun_load_pipeline=dgrun_load_pipeline)),
-        pytest.raises(RecipeError, match="works on UNet pipelines only.*FluxPipeline"),
+        pytest.raises(RecipeError, match=r"works on UNet pipelines only.*FluxPipeline"),
     ):
         run_recipe_data(tmp_path, {"model": {"id": "acme:flux"}, "optimize": ["deepcache"]})
 
@@ -92,7 +92,9 @@ def test_plugin_that_raises_while_registering_does_not_break_others():
     def broken(register):
         raise RuntimeError("boom")
 
-    with registered_plugin(_plugin(dgrun_register_optimizers=broken), name="broken", distribution="dgrun-broken"):
+    with registered_plugin(
+        _plugin(dgrun_register_optimizers=broken), name="broken", distribution="dgrun-broken"
+    ):
         registry = build_registry()
     failed = {p.distribution: p.error for p in registry.failed()}
     assert "boom" in failed["dgrun-broken"]
@@ -107,7 +109,9 @@ def test_two_plugins_with_one_step_name_is_an_error_naming_both():
     def register_impostor(register):
         register(Impostor)
 
-    with registered_plugin(_plugin(dgrun_register_optimizers=register_impostor), distribution="dgrun-impostor"):
+    with registered_plugin(
+        _plugin(dgrun_register_optimizers=register_impostor), distribution="dgrun-impostor"
+    ):
         registry = build_registry()
     with pytest.raises(PluginError, match=r"'compile'.*dgrun 0\.1\.0.*dgrun-impostor"):
         registry.check_consistent()

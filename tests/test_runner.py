@@ -29,7 +29,11 @@ def test_run_writes_images_and_a_complete_record(tmp_path):
     assert on_disk["recipe_sha256"] == record["recipe_sha256"]
     assert set(on_disk["versions"]) >= {"python", "torch", "diffusers", "transformers", "accelerate", "dgrun"}
     assert on_disk["device"] == "cpu" and on_disk["dtype"] == "float32"
-    assert on_disk["model"] == {"id": "dgrun:tiny-sd", "kind": "unet", "pipeline_class": "StableDiffusionPipeline"}
+    assert on_disk["model"] == {
+        "id": "dgrun:tiny-sd",
+        "kind": "unet",
+        "pipeline_class": "StableDiffusionPipeline",
+    }
     assert [s["step"] for s in on_disk["plan"]] == ["tf32", "vae_slicing"]
     assert on_disk["plan"][0]["status"] == "applied" and "no-op" in on_disk["plan"][0]["detail"]
     assert on_disk["plan"][1]["status"] == "applied"
@@ -92,7 +96,10 @@ def test_prompt_seeds_ids_and_images_per_prompt(tmp_path):
         ("002-a-blue-triangle-1.png", 12),
     ]
     out = tmp_path / "outputs" / "test"
-    assert Image.open(out / "000-a-red-circle-0.png").tobytes() != Image.open(out / "000-a-red-circle-1.png").tobytes()
+    assert (
+        Image.open(out / "000-a-red-circle-0.png").tobytes()
+        != Image.open(out / "000-a-red-circle-1.png").tobytes()
+    )
 
 
 def test_a_directory_holding_another_recipes_run_is_not_overwritten(tmp_path):
@@ -181,7 +188,9 @@ def test_compile_failure_falls_back_to_eager_with_a_record_entry(tmp_path):
 
     data = recipe_data(optimize=[{"compile": {"backend": "dgrun_test_broken"}}], generate={"steps": 2})
     path = write_recipe(tmp_path, data)
-    record = Run(load_recipe(path), build_registry(), RunOptions(out=str(tmp_path / "o")), Collect()).execute()
+    record = Run(
+        load_recipe(path), build_registry(), RunOptions(out=str(tmp_path / "o")), Collect()
+    ).execute()
     step = record["plan"][0]
     assert step["status"] == "fell back" and step["detail"].startswith("fell back to eager")
     assert len(warnings) == 1 and "compile" in warnings[0]
@@ -203,7 +212,7 @@ def test_step_on_the_wrong_model_kind_is_bad_input(tmp_path):
 
 def test_unknown_hub_model_fails_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RunError, match="cannot load 'nobody/no-such-model'.*built-in model"):
+    with pytest.raises(RunError, match=r"cannot load 'nobody/no-such-model'.*built-in model"):
         run_recipe_data(tmp_path, {"model": {"id": "nobody/no-such-model"}})
     record = json.loads((tmp_path / "outputs" / "test" / "run.json").read_text())
     assert record["status"] == "failed" and "no-such-model" in record["error"]
