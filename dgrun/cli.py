@@ -314,8 +314,10 @@ def steps() -> None:
     _warn_broken_plugins(registry)
     env = Environment.guess()
     table = Table()
-    for column in ("step", "stage", "applies to", "package", "available here", "summary"):
-        table.add_column(column)
+    for column in ("step", "stage", "applies to", "package"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("available here")
+    table.add_column("summary")
     for name, info in sorted(registry.optimizers.items()):
         reason = info.cls.unavailable_reason(env)
         kinds = ", ".join(sorted(k.value for k in info.cls.applies_to))

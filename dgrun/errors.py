@@ -71,3 +71,24 @@ def format_location(path: tuple[str | int, ...]) -> str:
         else:
             text += f".{part}" if text else str(part)
     return text
+
+
+_TYPE_ERRORS = (
+    "string_type",
+    "int_type",
+    "float_type",
+    "bool_type",
+    "dict_type",
+    "list_type",
+    "literal_error",
+)
+
+
+def validation_message(item: dict) -> str:
+    """A pydantic error item as a user-facing message, saying what was given for type errors."""
+    message = str(item["msg"]).removeprefix("Value error, ")
+    if item.get("type") in _TYPE_ERRORS:
+        value = repr(item.get("input"))
+        value = value if len(value) <= 40 else value[:37] + "..."
+        message += f" (got {type(item.get('input')).__name__} {value})"
+    return message

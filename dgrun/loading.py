@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dgrun.errors import Position, Problem, RecipeError, format_location
+from dgrun.errors import Position, Problem, RecipeError, format_location, validation_message
 from dgrun.recipe import VARIANT_KEYS, Recipe, model_at
 from dgrun.yamlio import DataPath, Document, SourceMap, load_file, parse_scalar
 
@@ -51,6 +51,9 @@ def load_recipe(path: Path, sets: list[str] = (), optimize: str | None = None) -
             source.replace_subtree(("optimize",), SourceMap(values={("optimize",): flag_position}))
         except ValueError as exc:
             problems.append(Problem(Position(f"<--optimize {optimize}>"), "optimize", str(exc)))
+        except RecipeError as error:
+            flag = Position(f"<--optimize {optimize}>")
+            problems.extend(Problem(flag, "optimize", p.message) for p in error.problems)
     if problems:
         raise RecipeError(problems)
     data.pop("extends", None)
@@ -137,6 +140,8 @@ def apply_set(data: dict, source: SourceMap, assignment: str, index: int = 0) ->
     parts: list[str | int] = [int(p) if p.isdigit() else p for p in key_path.strip().split(".")]
     if any(p == "" for p in parts):
         raise RecipeError([Problem(flag, "", f"bad key path {key_path!r}")])
+    if parts[0] == "extends":
+        raise RecipeError([Problem(flag, "extends", "cannot be set from the command line; edit the recipe")])
     try:
         value = parse_scalar(raw, flag.file)
     except RecipeError as error:
@@ -273,7 +278,7 @@ def _translate(
             message = f"unknown key {loc[-1]!r}{_suggest(loc)}"
             problems.append(Problem(source.locate(loc, key=True), format_location(loc[:-1]), message))
         else:
-            message = _message(item)
+            message = validation_message(item)
             problems.append(Problem(source.locate(loc), format_location(loc), message))
     return problems
 
@@ -287,17 +292,3 @@ def _suggest(loc: DataPath) -> str:
     if close:
         return f"; did you mean {close[0]!r}?"
     return f"; allowed: {', '.join(names)}"
-
-
-def _message(item: dict[str, Any]) -> str:
-    message = item["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    if item["type"] in ("string_type", "int_type", "float_type", "bool_type", "dict_type", "list_type"):
-        message += f" (got {type(item['input']).__name__} {_short(item['input'])})"
-    return message
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dgrun.errors import Problem, RecipeError, format_location
+from dgrun.errors import Problem, RecipeError, format_location, validation_message
 from dgrun.optimizer import STAGE_ORDER, Environment, ModelKind, Optimizer, Stage, StepParams, matches
 from dgrun.plugins import OptimizerInfo, Registry
 from dgrun.recipe import StepSpec
@@ -173,7 +173,7 @@ def _rule_problems(planned: list[PlannedStep], source: SourceMap, prefix: DataPa
                 problems.append(Problem(source.locate(path), format_location(path), message))
                 continue
             if any(matches(rule, b) for rule in a.after):
-                order = _valid_order(planned, move=later, before=earlier)
+                order = _valid_order(planned)
                 message = (
                     f"step {b.name!r} must come before {a.name!r} ({_where(prefix, earlier.index)}), "
                     f"not after it; a valid order: {order}"
@@ -186,10 +186,25 @@ def _where(prefix: DataPath, index: int) -> str:
     return format_location((*prefix, index))
 
 
-def _valid_order(planned: list[PlannedStep], move: PlannedStep, before: PlannedStep) -> str:
-    names = [s.name for s in planned if s is not move]
-    names.insert(names.index(before.name), move.name)
-    return ", ".join(names)
+def _valid_order(planned: list[PlannedStep]) -> str:
+    """An order that satisfies every `after` rule, as close to the recipe's order as possible."""
+    remaining = list(planned)
+    order: list[str] = []
+    while remaining:
+        for candidate in remaining:
+            blockers = [
+                other
+                for other in remaining
+                if other is not candidate
+                and any(matches(rule, other.info.cls) for rule in candidate.info.cls.after)
+            ]
+            if not blockers:
+                break
+        else:  # the rules contradict each other; fall back to the recipe's order
+            candidate = remaining[0]
+        order.append(candidate.name)
+        remaining.remove(candidate)
+    return ", ".join(order)
 
 
 def _unknown_step_message(name: str, registry: Registry) -> str:
@@ -224,5 +239,4 @@ def _param_problem(
         )
     if item["type"] == "missing":
         return Problem(source.locate(step_path), format_location(step_path), f"missing parameter {loc[-1]!r}")
-    message = item["msg"].removeprefix("Value error, ")
-    return Problem(source.locate(path), format_location(path), message)
+    return Problem(source.locate(path), format_location(path), validation_message(item))

@@ -139,6 +139,10 @@ class _Builder:
                 )
                 continue
             self.source.keys[child] = _position(self.file, key_node)
+            if isinstance(value_node, ScalarNode) and value_node.value == "" and not value_node.style:
+                # An empty value (`name:`) has no token of its own; ruamel puts it at the next line.
+                end = key_node.end_mark
+                self.source.values[child] = Position(self.file, end.line + 1, end.column + 2)
             result[key] = self.build(value_node, child)
         return result
 
@@ -209,6 +213,8 @@ def load_text(text: str, file: str) -> Document:
         raise RecipeError([Problem(pos, "", f"YAML syntax error: {message}")]) from None
     except YAMLError as exc:
         raise RecipeError([Problem(Position(file), "", f"YAML error: {exc}")]) from None
+    except RecursionError:
+        raise RecipeError([Problem(Position(file), "", "document is nested too deeply")]) from None
     if node is None:
         return Document(None, SourceMap(default=Position(file)))
     builder = _Builder(file)
