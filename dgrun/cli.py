@@ -147,6 +147,11 @@ class RichObserver:
         self.progress.stop()
 
 
+def _wide() -> Console:
+    """A console for wide tables: rich assumes 80 columns off a terminal, which cuts them unreadably."""
+    return out if out.is_terminal else Console(highlight=False, width=max(out.width, 200))
+
+
 def _summary(record: dict[str, Any], out_dir: Path) -> None:
     steps = Table(title="optimization steps", title_justify="left")
     for column in ("step", "status", "detail", "seconds"):
@@ -320,12 +325,12 @@ def steps() -> None:
     table.add_column("summary")
     for name, info in sorted(registry.optimizers.items()):
         reason = info.cls.unavailable_reason(env)
-        kinds = ", ".join(sorted(k.value for k in info.cls.applies_to))
+        kinds = "any" if len(info.cls.applies_to) > 1 else next(iter(info.cls.applies_to)).value
         available = "[green]yes[/green]" if reason is None else f"[yellow]no[/yellow] ({escape(reason)})"
         table.add_row(
             name, info.cls.stage.value, kinds, escape(info.package), available, escape(info.cls.summary)
         )
-    out.print(table)
+    _wide().print(table)
     for clash in registry.clashes:
         err.print(f"[red]{escape(clash)}[/red]")
 
@@ -342,7 +347,7 @@ def plugins() -> None:
     for plugin in registry.plugins:
         status = "[green]ok[/green]" if plugin.error is None else f"[red]{escape(plugin.error)}[/red]"
         table.add_row(plugin.name, plugin.distribution, plugin.version, ", ".join(plugin.optimizers), status)
-    out.print(table)
+    _wide().print(table)
     for clash in registry.clashes:
         err.print(f"[red]{escape(clash)}[/red]")
 

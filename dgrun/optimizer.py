@@ -126,6 +126,8 @@ class Optimizer:
     applies_to: ClassVar[frozenset[ModelKind]] = frozenset(ModelKind)
     requires_packages: ClassVar[tuple[str, ...]] = ()
     requires_devices: ClassVar[frozenset[str]] = frozenset()
+    # Offloading steps place modules on the device themselves: the runner then loads on the CPU.
+    places_modules: ClassVar[bool] = False
 
     def __init__(self, params: StepParams):
         self.params = params

@@ -271,12 +271,12 @@ class Run:
             if step.stage is Stage.LOAD and step.runnable:
                 step.optimizer = step.info.cls(step.params)
                 extra.update(step.optimizer.load_kwargs(ctx))
-        pipe = self.registry.load_pipeline(model, ctx.env.device, dtype)
+        places_itself = any(s.runnable and s.info.cls.places_modules for s in self.plan.steps)
+        device = "cpu" if places_itself else ctx.env.device
+        pipe = self.registry.load_pipeline(model, device, dtype)
         if pipe is None:
             trust = model.trust_remote_code and self.options.trust_remote_code
-            pipe = load_diffusers_pipeline(
-                model, ctx.env.device, dtype, trust, extra, self.loaded.path.parent
-            )
+            pipe = load_diffusers_pipeline(model, device, dtype, trust, extra, self.loaded.path.parent)
         with contextlib.suppress(Exception):
             pipe.set_progress_bar_config(disable=True)
         kind = kind_from_components(getattr(pipe, "components", {}))

@@ -1,20 +1,20 @@
-"""dgrun's built-in optimization steps, one module per family. Importing them must not import torch."""
+"""dgrun's built-in optimization steps, one module per family. Importing them must not import torch.
+
+Each module lists its optimizers in `OPTIMIZERS`; the built-in plugin registers them in this order.
+"""
 
 from __future__ import annotations
 
 from dgrun.optimizer import Optimizer
-from dgrun.steps.attention import AttentionBackend, FuseQkv
-from dgrun.steps.cache import FirstBlockCache
-from dgrun.steps.compile import Compile
-from dgrun.steps.runtime import TF32
-from dgrun.steps.vae import VaeSlicing, VaeTiling
+from dgrun.steps import attention, cache, compile, offload, precision, quantize, runtime, vae
 
 BUILTIN_OPTIMIZERS: tuple[type[Optimizer], ...] = (
-    TF32,
-    VaeSlicing,
-    VaeTiling,
-    AttentionBackend,
-    FuseQkv,
-    FirstBlockCache,
-    Compile,
+    *runtime.OPTIMIZERS,
+    *offload.OPTIMIZERS,
+    *quantize.OPTIMIZERS,
+    *precision.OPTIMIZERS,
+    *vae.OPTIMIZERS,
+    *attention.OPTIMIZERS,
+    *cache.OPTIMIZERS,
+    *compile.OPTIMIZERS,
 )

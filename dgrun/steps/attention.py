@@ -151,3 +151,6 @@ class FuseQkv(Optimizer):
             module.fuse_qkv_projections()
             fused.append(component_name)
         return f"fused in {', '.join(fused)}"
+
+
+OPTIMIZERS: tuple[type[Optimizer], ...] = (AttentionBackend, FuseQkv)

@@ -36,3 +36,6 @@ class FirstBlockCache(Optimizer):
         module = getattr(pipe, denoiser_name(pipe))
         module.enable_cache(FirstBlockCacheConfig(threshold=self.params.threshold))
         return None
+
+
+OPTIMIZERS: tuple[type[Optimizer], ...] = (FirstBlockCache,)

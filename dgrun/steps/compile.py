@@ -89,3 +89,6 @@ class Compile(Optimizer):
             self._vae = None
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return f"fell back to eager: compilation failed ({type(error).__name__}: {first_line[:200]})"
+
+
+OPTIMIZERS: tuple[type[Optimizer], ...] = (Compile,)

@@ -32,3 +32,6 @@ class TF32(Optimizer):
         if enabled and capability is not None and capability < (8, 0):
             return f"set, but compute capability {capability[0]}.{capability[1]} has no TF32 units"
         return None
+
+
+OPTIMIZERS: tuple[type[Optimizer], ...] = (TF32,)

@@ -48,3 +48,6 @@ class VaeTiling(Optimizer):
             return f"not enabled: {ctx.width}x{ctx.height} is not above auto_above={threshold}"
         _vae(pipe).enable_tiling()
         return None
+
+
+OPTIMIZERS: tuple[type[Optimizer], ...] = (VaeSlicing, VaeTiling)
