@@ -9,12 +9,14 @@ fails the run.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from dgrun.errors import Problem, RecipeError, format_location, validation_message
+from dgrun.loading import LoadedRecipe
+from dgrun.models import static_model_info
 from dgrun.optimizer import STAGE_ORDER, Environment, ModelKind, Optimizer, Stage, StepParams, matches
 from dgrun.plugins import OptimizerInfo, Registry
 from dgrun.recipe import StepSpec
@@ -78,7 +80,7 @@ class Plan:
     steps: list[PlannedStep]
     env: Environment
     model_kind: ModelKind | None = None
-    notes: list[str] = field(default_factory=list)
+    model_label: str = ""
 
     def ordered(self) -> list[PlannedStep]:
         return sorted(self.steps, key=lambda s: (STAGE_ORDER[s.stage], s.index))
@@ -240,3 +242,47 @@ def _param_problem(
     if item["type"] == "missing":
         return Problem(source.locate(step_path), format_location(step_path), f"missing parameter {loc[-1]!r}")
     return Problem(source.locate(path), format_location(path), validation_message(item))
+
+
+def plan_recipe(loaded: LoadedRecipe, registry: Registry, env: Environment) -> Plan:
+    """Plan a recipe's steps, and check every variant's: a bad variant is bad input for any command."""
+    recipe = loaded.recipe
+    base_dir = loaded.path.parent
+    kind, label = static_model_info(recipe.model.id, base_dir)
+    problems: list[Problem] = []
+    plan: Plan | None = None
+    try:
+        plan = make_plan(
+            recipe.optimize,
+            registry,
+            env,
+            loaded.source,
+            recipe.on_unavailable,
+            model_kind=kind,
+            model_label=label,
+        )
+    except RecipeError as error:
+        problems.extend(error.problems)
+    for index, variant in enumerate(recipe.variants):
+        if variant.optimize is None and variant.model is None:
+            continue
+        model_id = (variant.model or {}).get("id", recipe.model.id)
+        variant_kind, variant_label = static_model_info(str(model_id), base_dir)
+        try:
+            make_plan(
+                variant.optimize if variant.optimize is not None else recipe.optimize,
+                registry,
+                env,
+                loaded.source,
+                variant.on_unavailable or recipe.on_unavailable,
+                prefix=("variants", index, "optimize") if variant.optimize is not None else ("optimize",),
+                model_kind=variant_kind,
+                model_label=variant_label,
+            )
+        except RecipeError as error:
+            problems.extend(p for p in error.problems if p not in problems)
+    if problems:
+        raise RecipeError(problems)
+    assert plan is not None
+    plan.model_label = label
+    return plan

@@ -17,7 +17,7 @@ from typing import Any
 from dgrun import __version__
 from dgrun.errors import DgrunError, RecipeError, RunError
 from dgrun.loading import LoadedRecipe
-from dgrun.models import builtin_model, kind_from_components, static_model_info
+from dgrun.models import builtin_model, kind_from_components
 from dgrun.optimizer import ApplyContext, Environment, Stage, StepResult
 from dgrun.outputs import (
     ImageJob,
@@ -27,7 +27,7 @@ from dgrun.outputs import (
     inspect_output_dir,
     resolve_output_dir,
 )
-from dgrun.planner import Plan, PlannedStep, kind_problems, make_plan
+from dgrun.planner import Plan, PlannedStep, kind_problems, plan_recipe
 from dgrun.plugins import Registry
 from dgrun.records import (
     RECORD_FILE,
@@ -116,18 +116,8 @@ class Run:
     def prepare(self) -> Previous:
         """Everything that can fail on bad input, before any model is loaded or file written."""
         self.registry.check_consistent()
+        self.plan = plan_recipe(self.loaded, self.registry, Environment.probe(self.recipe.model.device))
         previous = inspect_output_dir(self.out_dir, self.sha, self.options.overwrite, self.options.resume)
-        env = Environment.probe(self.recipe.model.device)
-        kind, label = static_model_info(self.recipe.model.id, self.loaded.path.parent)
-        self.plan = make_plan(
-            self.recipe.optimize,
-            self.registry,
-            env,
-            self.loaded.source,
-            self.recipe.on_unavailable,
-            model_kind=kind,
-            model_label=label,
-        )
         blocking = self.plan.blocking()
         if blocking:
             lines = [f"step {s.name!r} cannot run here: {s.reason}" for s in blocking]

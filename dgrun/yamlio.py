@@ -206,6 +206,8 @@ def load_text(text: str, file: str) -> Document:
         node = yaml.compose(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        if exc.context_mark is not None and "stream end" in str(exc.problem or ""):
+            mark = exc.context_mark  # an unclosed bracket or quote: point where it was opened
         pos = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file)
         message = " ".join(part for part in (exc.context, exc.problem) if part) or str(exc)
         if "\t" in text and "\\t" in message:

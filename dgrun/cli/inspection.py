@@ -31,26 +31,16 @@ from dgrun.errors import DgrunError, RecipeError
 
 def print_plan(loaded: Any, registry: Any, explain: bool) -> list[Any]:
     """Plan without importing torch; print the outlook of each step. Returns the plan's steps."""
-    from dgrun.models import static_model_info
     from dgrun.optimizer import Environment
-    from dgrun.planner import make_plan
+    from dgrun.planner import plan_recipe
 
     registry.check_consistent()
     recipe = loaded.recipe
     env = Environment.guess(recipe.model.device)
-    kind, label = static_model_info(recipe.model.id, loaded.path.parent)
-    plan = make_plan(
-        recipe.optimize,
-        registry,
-        env,
-        loaded.source,
-        recipe.on_unavailable,
-        model_kind=kind,
-        model_label=label,
-    )
-    kind_text = kind.value if kind else "known when loaded"
+    plan = plan_recipe(loaded, registry, env)
+    kind_text = plan.model_kind.value if plan.model_kind else "kind known when loaded"
     out.print(
-        f"[green]ok[/green] {escape(str(loaded.path))}: {escape(recipe.name)} · {escape(label)} · "
+        f"[green]ok[/green] {escape(str(loaded.path))}: {escape(recipe.name)} · {escape(plan.model_label)} · "
         f"{kind_text} · device {env.device}"
     )
     for step in plan.ordered() if explain else plan.steps:
@@ -58,18 +48,6 @@ def print_plan(loaded: Any, registry: Any, explain: bool) -> list[Any]:
             colour = "green" if step.runnable else ("yellow" if step.on_unavailable == "skip" else "red")
             out.print(
                 f"  [{colour}]{step.name}[/{colour}] [dim]{step.stage.value}[/dim] {escape(step.outlook())}"
-            )
-    for index, variant in enumerate(recipe.variants):
-        if variant.optimize is not None:
-            make_plan(
-                variant.optimize,
-                registry,
-                env,
-                loaded.source,
-                variant.on_unavailable or recipe.on_unavailable,
-                prefix=("variants", index, "optimize"),
-                model_kind=kind,
-                model_label=label,
             )
     return plan.steps
 
