@@ -230,8 +230,8 @@ def _duplicate_names(data: dict[str, Any], source: SourceMap) -> list[Problem]:
         seen: dict[Any, int] = {}
         for index, item in enumerate(items if isinstance(items, list) else []):
             value = item.get(key) if isinstance(item, dict) else None
-            if value is None:
-                continue
+            if not isinstance(value, str):
+                continue  # missing or of the wrong type: validation reports it
             path = (field, index, key)
             if value == reserved:
                 problems.append(_problem(source, path, f"{value!r} is reserved for the automatic baseline"))

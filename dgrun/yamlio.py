@@ -129,6 +129,9 @@ class _Builder:
                 self.problem(key_node, path, "mapping keys must be plain strings")
                 continue
             key = key_node.value
+            if not _is_unicode(key):
+                self.problem(key_node, path, "key contains an invalid \\u escape (a lone UTF-16 surrogate)")
+                continue
             if key_node.tag not in (f"{_TAG}str", f"{_TAG}int", f"{_TAG}float", f"{_TAG}bool", f"{_TAG}null"):
                 self.problem(key_node, path, f"YAML tag {key_node.tag!r} is not allowed")
                 continue
@@ -150,6 +153,9 @@ class _Builder:
         tag = node.tag or ""
         kind = tag[len(_TAG) :] if tag.startswith(_TAG) else None
         value: str = node.value
+        if not _is_unicode(value):
+            self.problem(node, path, "contains an invalid \\u escape (a lone UTF-16 surrogate)")
+            return None
         if kind not in _ALLOWED_SCALAR_TAGS:
             self.problem(node, path, f"YAML tag {tag!r} is not allowed")
             return None
@@ -166,6 +172,14 @@ class _Builder:
             self.problem(node, path, f"cannot read {value!r} as {kind}")
             return None
         return value
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_int(text: str) -> int:
