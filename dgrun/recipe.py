@@ -6,12 +6,26 @@ plugin registry resolves the step name to; here a step is only checked to be a n
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import hashlib
+import itertools
 import json
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 STEP_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
@@ -33,7 +47,9 @@ class ModelSpec(Strict):
     id: str = Field(
         min_length=1, description="diffusers repo id, local directory, or a built-in `dgrun:` model"
     )
-    pipeline: str = Field("auto", description="diffusers pipeline class name, or auto")
+    pipeline: str = Field(
+        "auto", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="a diffusers pipeline class name, or auto"
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
     )
@@ -160,10 +176,34 @@ class OutputSpec(Strict):
 
 
 VARIANT_KEYS = ("model", "generate", "optimize", "on_unavailable")
+SWEEP_KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+MAX_SWEEP_MEMBERS = 100
+# The step names of the recipe's own `optimize`, while its variants are validated (see Recipe._variants).
+_BASE_STEPS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "base_steps", default=None
+)
+
+
+def _sweep_values(values: list[Any]) -> list[Any]:
+    if not values:
+        raise ValueError("give at least one value to sweep over")
+    canonical = [json.dumps(v, sort_keys=True) for v in values]
+    for index, text in enumerate(canonical):
+        if text in canonical[:index]:
+            raise ValueError(f"value {values[index]!r} is listed twice")
+    return values
+
+
+SweepValues = Annotated[list[Any], AfterValidator(_sweep_values)]
 
 
 class VariantSpec(Strict):
-    """A named override of parts of the recipe, compared against the baseline by `dgrun bench`."""
+    """A named override of parts of the recipe, compared against the baseline by `dgrun bench`.
+
+    `sweep` maps a dotted path to a list of values and expands into one variant per value (per
+    combination, with several paths): `STEP.PARAM` sets a parameter of a step in this variant's `optimize`
+    (the recipe's when the variant has none); `generate.KEY` and `model.KEY` set a recipe key.
+    """
 
     name: str = Field(pattern=NAME_PATTERN, max_length=80)
     description: str | None = None
@@ -171,6 +211,40 @@ class VariantSpec(Strict):
     generate: dict[str, Any] | None = None
     optimize: list[StepItem] | None = None
     on_unavailable: OnUnavailable | None = None
+    sweep: dict[str, SweepValues] | None = Field(
+        None,
+        description="dotted path (STEP.PARAM, generate.KEY or model.KEY) → values; one variant per value",
+    )
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_paths_exist(cls, value: dict[str, list[Any]] | None, info: ValidationInfo) -> Any:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("a sweep maps at least one dotted path to its values")
+        problems = []
+        own = info.data.get("optimize")
+        steps = [s.name for s in own] if own is not None else _BASE_STEPS.get()
+        where = "this variant's optimize" if own is not None else "the recipe's optimize"
+        for key, values in value.items():
+            if not SWEEP_KEY_PATTERN.match(key):
+                problems.append(f"{key!r}: expected STEP.PARAM, generate.KEY or model.KEY")
+                continue
+            head, rest = key.split(".", 1)
+            if head in ("generate", "model"):
+                problems.extend(_check_recipe_values(head, rest, values))
+            elif steps is not None and head not in steps:
+                listed = ", ".join(steps) or "no steps"
+                problems.append(f"{key!r}: no step {head!r} in {where} ({listed})")
+        members = 1
+        for values in value.values():
+            members *= len(values)
+        if members > MAX_SWEEP_MEMBERS:
+            problems.append(f"expands to {members} variants; at most {MAX_SWEEP_MEMBERS} are allowed")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     def overrides(self) -> dict[str, Any]:
         """The recipe keys this variant replaces, in recipe (plain data) form."""
@@ -197,6 +271,17 @@ class Recipe(Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     variants: list[VariantSpec] = Field(default_factory=list)
 
+    @field_validator("variants", mode="wrap")
+    @classmethod
+    def _variants(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        """Let each variant's sweep see the recipe's own steps, so its errors keep their own positions."""
+        base = info.data.get("optimize")
+        token = _BASE_STEPS.set(tuple(s.name for s in base) if base is not None else None)
+        try:
+            return handler(value)
+        finally:
+            _BASE_STEPS.reset(token)
+
     def resolved(self) -> dict[str, Any]:
         """Plain-data form stored in run records: everything explicit, `extends` already merged."""
         data = self.model_dump(mode="json")
@@ -205,6 +290,106 @@ class Recipe(Strict):
 
     def sha256(self) -> str:
         return recipe_hash(self.resolved())
+
+
+def _check_recipe_values(section: str, key: str, values: list[Any]) -> list[str]:
+    """Each swept `generate.KEY` / `model.KEY` value must be valid for that key on its own."""
+    model = GenerateSpec if section == "generate" else ModelSpec
+    first, _, deeper = key.partition(".")
+    if first not in model.model_fields:
+        return [f"'{section}.{key}': {section} has no key {first!r}"]
+    if deeper:
+        return [] if first == "extra" else [f"'{section}.{key}': {section}.{first} has no nested keys"]
+    problems = []
+    for item in values:
+        data = {first: item} if section == "generate" else {"id": "x", first: item}
+        try:
+            model.model_validate(data)
+        except ValidationError as error:
+            message = error.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+            problems.append(f"'{section}.{key}' value {item!r}: {message}")
+    return problems
+
+
+@dataclass(frozen=True)
+class ExpandedVariant:
+    """One variant as `dgrun bench` runs it: a sweep is already unrolled into its members."""
+
+    name: str
+    index: int  # position in `variants:`, for error messages
+    description: str | None
+    overrides: dict[str, Any]
+    sweep: dict[str, Any]  # this member's swept values; empty for a variant without a sweep
+
+
+def _value_slug(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return re.sub(r"[^a-z0-9._]+", "-", text.lower()).strip("-") or "none"
+
+
+def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        child = target.get(part)
+        target[part] = child = dict(child) if isinstance(child, dict) else {}
+        target = child
+    target[path[-1]] = value
+
+
+def _with_value(overrides: dict[str, Any], base_optimize: list[Any], key: str, value: Any) -> None:
+    """Set one swept value in a variant's overrides (copying the recipe's steps when it has none)."""
+    head, *rest = key.split(".")
+    if head in ("generate", "model"):
+        section = overrides.setdefault(head, {})
+        _set_path(section, rest, value)
+        return
+    steps = overrides.setdefault("optimize", copy.deepcopy(base_optimize))
+    for position, item in enumerate(steps):
+        name = item if isinstance(item, str) else next(iter(item))
+        if name == head:
+            params = {} if isinstance(item, str) else dict(item[name] or {})
+            _set_path(params, rest, value)
+            steps[position] = {name: params}
+            return
+    raise ValueError(f"sweep {key!r}: no step {head!r} to set")  # the validator has ruled this out
+
+
+def recipe_form(resolved: dict[str, Any]) -> dict[str, Any]:
+    """A resolved recipe (run.json, a PNG chunk) as recipe data again: steps back to `{name: params}`.
+
+    `resolved()` dumps each step as its StepSpec fields, which a recipe's step list does not accept.
+    """
+    data = copy.deepcopy(resolved)
+    holders = [data, *(v for v in data.get("variants") or [] if isinstance(v, dict))]
+    for holder in holders:
+        steps = holder.get("optimize")
+        if isinstance(steps, list):
+            holder["optimize"] = [
+                StepSpec.model_validate(s).as_item() if isinstance(s, dict) and "params" in s else s
+                for s in steps
+            ]
+    return data
+
+
+def expand_variants(recipe: Recipe) -> list[ExpandedVariant]:
+    """The recipe's variants with each sweep unrolled, in order; members are named NAME-PARAM-VALUE."""
+    base_optimize = [s.as_item() for s in recipe.optimize]
+    expanded = []
+    for index, variant in enumerate(recipe.variants):
+        if not variant.sweep:
+            expanded.append(
+                ExpandedVariant(variant.name, index, variant.description, variant.overrides(), {})
+            )
+            continue
+        keys = list(variant.sweep)
+        for combination in itertools.product(*(variant.sweep[k] for k in keys)):
+            overrides = copy.deepcopy(variant.overrides())
+            parts = [variant.name]
+            for key, value in zip(keys, combination, strict=True):
+                _with_value(overrides, base_optimize, key, value)
+                parts.append(f"{key.rsplit('.', 1)[-1]}-{_value_slug(value)}")
+            sweep = dict(zip(keys, combination, strict=True))
+            expanded.append(ExpandedVariant("-".join(parts), index, variant.description, overrides, sweep))
+    return expanded
 
 
 def recipe_hash(resolved: dict[str, Any]) -> str:
