@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from pydantic import Field
+
 from dgrun.optimizer import ApplyContext, Optimizer, Stage, StepParams
+
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 
 
 class TF32Params(StepParams):
@@ -34,4 +39,93 @@ class TF32(Optimizer):
         return None
 
 
-OPTIMIZERS: tuple[type[Optimizer], ...] = (TF32,)
+class CudnnBenchmarkParams(StepParams):
+    enabled: bool = True
+
+
+class CudnnBenchmark(Optimizer):
+    """Let cuDNN time its convolution algorithms per input shape and keep the fastest.
+
+    The first call of each shape is slower, and the chosen algorithm may differ from run to run, so images
+    can differ in the last bits between runs on the same GPU.
+    """
+
+    name = "cudnn_benchmark"
+    summary = "cuDNN autotunes convolution algorithms per shape (CUDA; first call slower)"
+    Params = CudnnBenchmarkParams
+    stage = Stage.PROCESS
+
+    def apply(self, pipe: Any, ctx: ApplyContext) -> str | None:
+        if ctx.env.device_kind != "cuda":
+            return f"no-op on {ctx.env.device_kind}: cuDNN is a CUDA library"
+        import torch
+
+        torch.backends.cudnn.benchmark = self.params.enabled
+        return None
+
+
+class CudaMemoryParams(StepParams):
+    fraction: float | None = Field(
+        None, gt=0, le=1, description="cap this process at this fraction of the GPU's memory (null: no cap)"
+    )
+    expandable_segments: bool = Field(
+        True, description="let the caching allocator grow segments instead of fragmenting memory"
+    )
+
+
+def merge_alloc_conf(current: str | None, key: str, value: str) -> str:
+    """`current` (an allocator config string such as "a:1,b:2") with `key` set to `value`."""
+    entries = [e.strip() for e in (current or "").split(",") if e.strip()]
+    kept = [e for e in entries if e.split(":", 1)[0].strip() != key]
+    return ",".join([*kept, f"{key}:{value}"])
+
+
+class CudaMemory(Optimizer):
+    """CUDA caching-allocator settings: a per-process memory cap and expandable segments.
+
+    Expandable segments cut fragmentation when tensor sizes vary (e.g. several resolutions or batch sizes).
+    torch reads PYTORCH_CUDA_ALLOC_CONF once, when the allocator first needs its config, and dgrun has
+    imported torch (and probed the GPU) before any step runs; so the setting is both exported (for worker
+    processes) and handed to torch's run-time allocator settings, and the record says whether CUDA was
+    already initialised (then it covers memory allocated from then on).
+    """
+
+    name = "cuda_memory"
+    summary = "CUDA allocator: memory fraction cap, expandable segments"
+    Params = CudaMemoryParams
+    stage = Stage.PROCESS
+    requires_devices = frozenset({"cuda"})
+
+    def apply(self, pipe: Any, ctx: ApplyContext) -> str | None:
+        import torch
+
+        notes = []
+        value = "True" if self.params.expandable_segments else "False"
+        initialised = torch.cuda.is_initialized()
+        previous = os.environ.get(ALLOC_CONF)
+        os.environ[ALLOC_CONF] = merge_alloc_conf(previous, "expandable_segments", value)
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        if setter is not None:
+            setter(f"expandable_segments:{value}")
+        elif initialised:  # older torch: only the (now deprecated) cuda-specific setter exists
+            torch.cuda.memory._set_allocator_settings(f"expandable_segments:{value}")
+        if initialised:
+            # Cached blocks keep their old layout; releasing them lets new allocations use the new setting.
+            torch.cuda.empty_cache()
+            notes.append(
+                f"expandable_segments:{value} set at run time (CUDA was already initialised, so it covers "
+                "memory allocated from now on; cached blocks were released)"
+            )
+        else:
+            notes.append(f"{ALLOC_CONF}={os.environ[ALLOC_CONF]} set before CUDA initialised")
+        if previous:
+            notes.append(f"was {ALLOC_CONF}={previous}")
+        if self.params.fraction is not None:
+            device = torch.device(ctx.env.device)
+            index = device.index if device.index is not None else 0
+            torch.cuda.set_per_process_memory_fraction(self.params.fraction, index)
+            notes.append(f"memory fraction {self.params.fraction:g} of cuda:{index}")
+        return "; ".join(notes)
+
+
+OPTIMIZERS: tuple[type[Optimizer], ...] = (TF32, CudnnBenchmark, CudaMemory)
