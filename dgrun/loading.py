@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dgrun.errors import Position, Problem, RecipeError, format_location, validation_message
-from dgrun.recipe import VARIANT_KEYS, Recipe, model_at
+from dgrun.recipe import VARIANT_KEYS, Recipe, model_at, recipe_form
 from dgrun.yamlio import DataPath, Document, SourceMap, load_file, parse_scalar
 
 MAX_EXTENDS_DEPTH = 16
@@ -62,8 +62,8 @@ def load_recipe(path: Path, sets: list[str] = (), optimize: str | None = None) -
 
 
 def recipe_from_resolved(data: dict[str, Any], origin: str) -> Recipe:
-    """Rebuild a recipe from a run record's resolved form (used by reproduce and resume)."""
-    return validate(dict(data), SourceMap(default=Position(origin)))
+    """Rebuild a recipe from a run record's resolved form (used by reproduce and bench)."""
+    return validate(recipe_form(data), SourceMap(default=Position(origin)))
 
 
 def _load_with_extends(path: Path, chain: list[Path], display: str) -> Document:

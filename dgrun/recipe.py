@@ -283,10 +283,11 @@ class Recipe(Strict):
             _BASE_STEPS.reset(token)
 
     def resolved(self) -> dict[str, Any]:
-        """Plain-data form stored in run records: everything explicit, `extends` already merged."""
+        """Plain-data form stored in run records: a valid recipe with every default explicit and `extends`
+        already merged, so a run can be repeated from its record or from one of its PNGs alone."""
         data = self.model_dump(mode="json")
         data["extends"] = None
-        return data
+        return recipe_form(data)
 
     def sha256(self) -> str:
         return recipe_hash(self.resolved())
@@ -335,14 +336,17 @@ def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
     target[path[-1]] = value
 
 
-def _with_value(overrides: dict[str, Any], base_optimize: list[Any], key: str, value: Any) -> None:
-    """Set one swept value in a variant's overrides (copying the recipe's steps when it has none)."""
+def _with_value(overrides: dict[str, Any], recipe: Recipe, key: str, value: Any) -> None:
+    """Set one swept value in a variant's overrides (starting from the recipe's steps or nested mapping
+    when the variant has none, since a variant's lists and nested mappings replace the recipe's)."""
     head, *rest = key.split(".")
     if head in ("generate", "model"):
         section = overrides.setdefault(head, {})
+        if len(rest) > 1 and rest[0] not in section:
+            section[rest[0]] = copy.deepcopy(getattr(getattr(recipe, head), rest[0]))
         _set_path(section, rest, value)
         return
-    steps = overrides.setdefault("optimize", copy.deepcopy(base_optimize))
+    steps = overrides.setdefault("optimize", [s.as_item() for s in recipe.optimize])
     for position, item in enumerate(steps):
         name = item if isinstance(item, str) else next(iter(item))
         if name == head:
@@ -372,7 +376,6 @@ def recipe_form(resolved: dict[str, Any]) -> dict[str, Any]:
 
 def expand_variants(recipe: Recipe) -> list[ExpandedVariant]:
     """The recipe's variants with each sweep unrolled, in order; members are named NAME-PARAM-VALUE."""
-    base_optimize = [s.as_item() for s in recipe.optimize]
     expanded = []
     for index, variant in enumerate(recipe.variants):
         if not variant.sweep:
@@ -385,7 +388,7 @@ def expand_variants(recipe: Recipe) -> list[ExpandedVariant]:
             overrides = copy.deepcopy(variant.overrides())
             parts = [variant.name]
             for key, value in zip(keys, combination, strict=True):
-                _with_value(overrides, base_optimize, key, value)
+                _with_value(overrides, recipe, key, value)
                 parts.append(f"{key.rsplit('.', 1)[-1]}-{_value_slug(value)}")
             sweep = dict(zip(keys, combination, strict=True))
             expanded.append(ExpandedVariant("-".join(parts), index, variant.description, overrides, sweep))

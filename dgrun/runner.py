@@ -156,7 +156,12 @@ class Run:
                 "effective": recipe_flag and self.options.trust_remote_code,
             },
             "plan": [s.record() for s in self.plan.steps],
-            "timings": {"load_seconds": None, "apply_seconds": None, "warmup_seconds": None},
+            "timings": {
+                "load_seconds": None,
+                "apply_seconds": None,
+                "warmup_seconds": None,
+                "first_call_seconds": None,
+            },
             "peak_memory": None,
             "images": [],
             "error": None,
@@ -315,6 +320,7 @@ class Run:
         """One pipeline call; the first one may trigger compilation, so failures there can be recovered."""
         if self.first_call_done:
             return self._pipeline_call(batch)
+        started = time.perf_counter()
         try:
             images = self._pipeline_call(batch)
         except KeyboardInterrupt:
@@ -324,7 +330,24 @@ class Run:
                 raise
             images = self._pipeline_call(batch)
         self.first_call_done = True
+        self.record["timings"]["first_call_seconds"] = round(time.perf_counter() - started, 4)
         return images
+
+    def timed_pass(self) -> list[tuple[int, float]]:
+        """Generate every image again, writing nothing: (images, seconds) per pipeline call.
+
+        `dgrun bench` times its repeats with this after `execute`, so they use the run's own pipeline,
+        batches and call arguments.
+        """
+        import torch
+
+        calls = []
+        with torch.inference_mode():
+            for batch in self._batches(self.jobs):
+                started = time.perf_counter()
+                self._call(batch)
+                calls.append((len(batch), time.perf_counter() - started))
+        return calls
 
     def _recover(self, exc: BaseException) -> bool:
         import torch

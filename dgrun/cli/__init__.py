@@ -13,10 +13,10 @@ from typing import Annotated
 import typer
 
 from dgrun import __version__
-from dgrun.cli import inspection, run  # noqa: F401 - importing registers the commands
+from dgrun.cli import experiments, inspection, run  # noqa: F401 - importing registers the commands
 from dgrun.cli.common import app, out
 
-COMMANDS = ("run", "check", "steps", "plugins", "schema")
+COMMANDS = ("run", "check", "steps", "plugins", "schema", "bench", "reproduce")
 
 __all__ = ["COMMANDS", "app", "main"]
 
