@@ -447,7 +447,7 @@ def _quiet_libraries() -> None:
     """Silence library chatter that is not for dgrun's users (progress bars, experimental-API warnings)."""
     import warnings
 
-    for name in ("diffusers", "transformers", "accelerate"):
+    for name in ("diffusers", "transformers", "accelerate", "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
     with contextlib.suppress(Exception):
