@@ -1,4 +1,4 @@
-"""Attention: choosing a diffusers attention backend, and fusing the q/k/v projections."""
+"""Attention: choosing a diffusers attention backend, xFormers, and fusing the q/k/v projections."""
 
 from __future__ import annotations
 
@@ -129,6 +129,51 @@ class AttentionBackend(Optimizer):
         raise RuntimeError("no listed attention backend could be set: " + "; ".join(passed_over))
 
 
+class XformersParams(StepParams):
+    components: list[str] | None = Field(
+        None, description="default: every component of the pipeline (diffusers' pipeline-level switch)"
+    )
+
+
+class Xformers(Optimizer):
+    """xFormers memory-efficient attention through diffusers' own switch (UNet processors included).
+
+    Unlike `attention_backend: xformers`, this also reaches UNet and VAE attention processors, which
+    `set_attention_backend` leaves alone; it excludes every other attention choice.
+    """
+
+    name = "xformers"
+    summary = "xFormers memory-efficient attention (enable_xformers_memory_efficient_attention)"
+    Params = XformersParams
+    tags = frozenset({TAG_ATTENTION})
+    # Both replace the attention processors: whichever runs later silently undoes the other.
+    conflicts = frozenset({"#" + TAG_ATTENTION, "fuse_qkv"})
+    requires_packages = ("xformers",)
+    requires_devices = frozenset({"cuda"})
+
+    @classmethod
+    def unavailable_reason(cls, env: Environment, params: StepParams | None = None) -> str | None:
+        """Every missing requirement at once, so one look tells what this machine lacks."""
+        reasons = []
+        if not env.has_package("xformers"):
+            reasons.append("the package xformers (not installed)")
+        if env.device_kind != "cuda":
+            reasons.append(f"a CUDA device; this run uses {env.device_kind}")
+        return "needs " + " and ".join(reasons) if reasons else None
+
+    def apply(self, pipe: Any, ctx: ApplyContext) -> str:
+        if self.params.components is None:
+            pipe.enable_xformers_memory_efficient_attention()
+            return "in every component"
+        names = []
+        for component_name, module in components(pipe, self.params.components):
+            if not hasattr(module, "enable_xformers_memory_efficient_attention"):
+                raise RuntimeError(f"{type(module).__name__} ({component_name}) has no xFormers switch")
+            module.enable_xformers_memory_efficient_attention()
+            names.append(component_name)
+        return f"in {', '.join(names)}"
+
+
 class FuseQkvParams(StepParams):
     components: list[str] | None = Field(None, description="default: the denoiser")
 
@@ -153,4 +198,4 @@ class FuseQkv(Optimizer):
         return f"fused in {', '.join(fused)}"
 
 
-OPTIMIZERS: tuple[type[Optimizer], ...] = (AttentionBackend, FuseQkv)
+OPTIMIZERS: tuple[type[Optimizer], ...] = (AttentionBackend, Xformers, FuseQkv)

@@ -1,15 +1,111 @@
-"""Step caches built into diffusers' hook system (transformer pipelines)."""
+"""Step caches built into diffusers' hook system (transformer pipelines only).
+
+Each step builds one diffusers config (`FirstBlockCacheConfig`, `PyramidAttentionBroadcastConfig`,
+`FasterCacheConfig`, `TaylorSeerCacheConfig`, `MagCacheConfig`) from JSON-able params and calls the
+denoiser's `enable_cache`. Callbacks diffusers wants (the current timestep, weights) are wired here, so a
+recipe never needs code. diffusers gives a UNet silent no-ops or errors for these, hence `applies_to`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import ast
+import contextlib
+import io
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from dgrun.optimizer import TAG_CACHE, TAG_REWRITES_MODULES, ApplyContext, ModelKind, Optimizer, StepParams
 from dgrun.steps.denoiser import denoiser_name
 
+TimestepRange = Annotated[list[int], Field(min_length=2, max_length=2)]
+Patterns = Annotated[list[str], Field(min_length=1)]
+DTYPES = ("bfloat16", "float16", "float32")
 
+
+def _check_range(value: list[int] | None) -> list[int] | None:
+    if value is not None and value[0] >= value[1]:
+        raise ValueError(f"a timestep range is [low, high] with low < high, got {value}")
+    return value
+
+
+def _check_patterns(value: list[str] | None) -> list[str] | None:
+    for pattern in value or []:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
+    return value
+
+
+def _raised_in(error: BaseException, hook_module: str) -> bool:
+    """Whether the traceback passes through `diffusers/hooks/<hook_module>.py`."""
+    tb = error.__traceback__
+    while tb is not None:
+        path = Path(tb.tb_frame.f_code.co_filename)
+        if path.stem == hook_module and path.parent.name == "hooks":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _timestep_callback(pipe: Any, step: str) -> Any:
+    """`lambda: pipe.current_timestep`, after checking the pipeline keeps that attribute up to date."""
+    if not hasattr(type(pipe), "current_timestep"):
+        raise RuntimeError(
+            f"{type(pipe).__name__} does not expose `current_timestep`, which {step} needs to know where "
+            "the denoising loop is"
+        )
+    return lambda: pipe.current_timestep
+
+
+class DiffusersCache(Optimizer):
+    """Shared shape of the diffusers caches: rules, `enable_cache` on the denoiser, recovery.
+
+    If the first pipeline call fails inside this cache's diffusers hooks (e.g. a model layout diffusers'
+    cache does not handle), `recover` disables the cache so the run goes on uncached, and says so.
+    """
+
+    tags = frozenset({TAG_CACHE, TAG_REWRITES_MODULES})
+    conflicts = frozenset({"#" + TAG_CACHE})
+    after = frozenset({"fuse_qkv"})
+    applies_to = frozenset({ModelKind.TRANSFORMER})
+    hook_module: ClassVar[str]  # the diffusers.hooks module whose frames identify this cache's failures
+
+    def __init__(self, params: StepParams):
+        super().__init__(params)
+        self.module: Any = None
+
+    def build_config(self, pipe: Any, module: Any, ctx: ApplyContext) -> Any:
+        """The diffusers config object for this step."""
+        raise NotImplementedError
+
+    def describe(self) -> str | None:
+        """The detail recorded for an applied step."""
+        return None
+
+    def apply(self, pipe: Any, ctx: ApplyContext) -> str | None:
+        module = getattr(pipe, denoiser_name(pipe))
+        if not hasattr(module, "enable_cache"):
+            raise RuntimeError(
+                f"{type(module).__name__} does not support diffusers' caches (no enable_cache)"
+            )
+        module.enable_cache(self.build_config(pipe, module, ctx))
+        self.module = module
+        return self.describe()
+
+    def recover(self, pipe: Any, error: BaseException) -> str | None:
+        if self.module is None or not _raised_in(error, self.hook_module):
+            return None
+        self.module.disable_cache()
+        self.module = None
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"disabled: the cache failed on the first call ({type(error).__name__}: {first_line[:200]})"
+
+
+# ------------------------------------------------------------------------------------ first block cache
 class FirstBlockCacheParams(StepParams):
     threshold: float = Field(
         0.2,
@@ -19,23 +115,371 @@ class FirstBlockCacheParams(StepParams):
     )
 
 
-class FirstBlockCache(Optimizer):
+class FirstBlockCache(DiffusersCache):
     """Skip the transformer's later blocks on steps where its first block's output barely changed."""
 
     name = "first_block_cache"
     summary = "diffusers FirstBlockCache: reuse later blocks when the first block barely changes"
     Params = FirstBlockCacheParams
-    tags = frozenset({TAG_CACHE, TAG_REWRITES_MODULES})
-    conflicts = frozenset({"#" + TAG_CACHE})
-    after = frozenset({"fuse_qkv"})
-    applies_to = frozenset({ModelKind.TRANSFORMER})
+    hook_module = "first_block_cache"
 
-    def apply(self, pipe: Any, ctx: ApplyContext) -> str | None:
+    def build_config(self, pipe: Any, module: Any, ctx: ApplyContext) -> Any:
         from diffusers.hooks import FirstBlockCacheConfig
 
-        module = getattr(pipe, denoiser_name(pipe))
-        module.enable_cache(FirstBlockCacheConfig(threshold=self.params.threshold))
-        return None
+        return FirstBlockCacheConfig(threshold=self.params.threshold)
+
+    def describe(self) -> str:
+        return f"threshold {self.params.threshold}"
 
 
-OPTIMIZERS: tuple[type[Optimizer], ...] = (FirstBlockCache,)
+# ---------------------------------------------------------------------------- pyramid attention broadcast
+class PabParams(StepParams):
+    spatial_attention_block_skip_range: int | None = Field(
+        2, ge=1, description="compute spatial self-attention every N steps, reuse it in between"
+    )
+    temporal_attention_block_skip_range: int | None = Field(None, ge=1, description="video models")
+    cross_attention_block_skip_range: int | None = Field(None, ge=1)
+    spatial_attention_timestep_skip_range: TimestepRange = Field(
+        [100, 800], description="skip only while the timestep lies strictly inside [low, high]"
+    )
+    temporal_attention_timestep_skip_range: TimestepRange = Field([100, 800])
+    cross_attention_timestep_skip_range: TimestepRange = Field([100, 800])
+    spatial_attention_block_identifiers: Patterns | None = Field(None, description="default: diffusers'")
+    temporal_attention_block_identifiers: Patterns | None = None
+    cross_attention_block_identifiers: Patterns | None = None
+
+    check_ranges = field_validator(
+        "spatial_attention_timestep_skip_range",
+        "temporal_attention_timestep_skip_range",
+        "cross_attention_timestep_skip_range",
+    )(_check_range)
+    check_patterns = field_validator(
+        "spatial_attention_block_identifiers",
+        "temporal_attention_block_identifiers",
+        "cross_attention_block_identifiers",
+    )(_check_patterns)
+
+    @model_validator(mode="after")
+    def _something_to_skip(self) -> PabParams:
+        kinds = ("spatial", "temporal", "cross")
+        if all(getattr(self, f"{kind}_attention_block_skip_range") is None for kind in kinds):
+            raise ValueError(
+                "set at least one of spatial_attention_block_skip_range, "
+                "temporal_attention_block_skip_range, cross_attention_block_skip_range"
+            )
+        return self
+
+
+class PyramidAttentionBroadcast(DiffusersCache):
+    """Reuse attention outputs across neighbouring steps in the middle of the schedule (PAB)."""
+
+    name = "pab"
+    summary = "diffusers Pyramid Attention Broadcast: reuse attention outputs between steps"
+    Params = PabParams
+    hook_module = "pyramid_attention_broadcast"
+
+    def build_config(self, pipe: Any, module: Any, ctx: ApplyContext) -> Any:
+        from diffusers.hooks import PyramidAttentionBroadcastConfig
+
+        values = self.params.model_dump(exclude_none=True)
+        for key in [k for k in values if k.endswith("_range") and "timestep" in k]:
+            values[key] = tuple(values[key])
+        for key in [k for k in values if k.endswith("_identifiers")]:
+            values[key] = tuple(values[key])
+        return PyramidAttentionBroadcastConfig(
+            **values, current_timestep_callback=_timestep_callback(pipe, "pab")
+        )
+
+    def describe(self) -> str:
+        parts = []
+        for kind in ("spatial", "temporal", "cross"):
+            every = getattr(self.params, f"{kind}_attention_block_skip_range")
+            if every is not None:
+                low, high = getattr(self.params, f"{kind}_attention_timestep_skip_range")
+                parts.append(f"{kind} attention every {every} steps for timesteps in ({low}, {high})")
+        return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ faster cache
+class FasterCacheParams(StepParams):
+    spatial_attention_block_skip_range: int = Field(2, ge=1)
+    temporal_attention_block_skip_range: int | None = Field(None, ge=1)
+    spatial_attention_timestep_skip_range: TimestepRange = Field([-1, 681])
+    temporal_attention_timestep_skip_range: TimestepRange = Field([-1, 681])
+    low_frequency_weight_update_timestep_range: TimestepRange = Field([99, 901])
+    high_frequency_weight_update_timestep_range: TimestepRange = Field([-1, 301])
+    alpha_low_frequency: float = 1.1
+    alpha_high_frequency: float = 1.1
+    unconditional_batch_skip_range: int = Field(
+        5, ge=1, description="compute the unconditional (CFG) branch every N steps, approximate it in between"
+    )
+    unconditional_batch_timestep_skip_range: TimestepRange = Field([-1, 641])
+    spatial_attention_block_identifiers: Patterns | None = None
+    temporal_attention_block_identifiers: Patterns | None = None
+    attention_weight: float = Field(
+        0.5,
+        description="weight of the extrapolation from the last two attention outputs (diffusers' default)",
+    )
+    tensor_format: Literal["BCFHW", "BFCHW", "BCHW"] = Field(
+        "BCHW",
+        description="layout of the denoiser output; BCHW for image models (diffusers' default is video)",
+    )
+    is_guidance_distilled: bool | None = Field(
+        None,
+        description="null: true for pipelines without batched classifier-free guidance (FLUX); "
+        "set it for pipelines that run CFG as separate calls",
+    )
+
+    check_ranges = field_validator(
+        "spatial_attention_timestep_skip_range",
+        "temporal_attention_timestep_skip_range",
+        "low_frequency_weight_update_timestep_range",
+        "high_frequency_weight_update_timestep_range",
+        "unconditional_batch_timestep_skip_range",
+    )(_check_range)
+    check_patterns = field_validator(
+        "spatial_attention_block_identifiers", "temporal_attention_block_identifiers"
+    )(_check_patterns)
+
+
+class FasterCache(DiffusersCache):
+    """Reuse attention outputs between steps and approximate the CFG branch from the conditional one."""
+
+    name = "faster_cache"
+    summary = "diffusers FasterCache: reuse attention and approximate the unconditional branch"
+    Params = FasterCacheParams
+    hook_module = "faster_cache"
+
+    def __init__(self, params: FasterCacheParams):
+        super().__init__(params)
+        self.distilled = False
+
+    def build_config(self, pipe: Any, module: Any, ctx: ApplyContext) -> Any:
+        from diffusers.hooks import FasterCacheConfig
+
+        params = self.params
+        # Pipelines that batch [uncond, cond] declare `do_classifier_free_guidance`; FLUX has no such batch.
+        distilled = params.is_guidance_distilled
+        if distilled is None:
+            distilled = not hasattr(type(pipe), "do_classifier_free_guidance")
+        self.distilled = distilled
+        values = params.model_dump(exclude={"attention_weight", "is_guidance_distilled"}, exclude_none=True)
+        for key, value in values.items():
+            if isinstance(value, list):
+                values[key] = tuple(value)
+        weight = params.attention_weight
+        return FasterCacheConfig(
+            **values,
+            attention_weight_callback=lambda _module: weight,
+            is_guidance_distilled=distilled,
+            current_timestep_callback=_timestep_callback(pipe, "faster_cache"),
+        )
+
+    def describe(self) -> str:
+        low, high = self.params.spatial_attention_timestep_skip_range
+        detail = (
+            f"spatial attention every {self.params.spatial_attention_block_skip_range} steps "
+            f"for timesteps in ({low}, {high})"
+        )
+        if self.distilled:
+            return detail + "; guidance-distilled: no unconditional branch to skip"
+        return detail + f"; unconditional branch every {self.params.unconditional_batch_skip_range} steps"
+
+
+# ----------------------------------------------------------------------------------------- TaylorSeer
+class TaylorSeerParams(StepParams):
+    cache_interval: int = Field(5, ge=1, description="a full computation every N steps, predicted in between")
+    disable_cache_before_step: int = Field(3, ge=0, description="full computation for the first N steps")
+    disable_cache_after_step: int | None = Field(None, ge=0, description="full computation from step N on")
+    max_order: int = Field(1, ge=0, le=4, description="order of the Taylor expansion")
+    taylor_factors_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    skip_predict_identifiers: Patterns | None = Field(
+        None, description="modules (re.fullmatch) that return zeros on predicted steps"
+    )
+    cache_identifiers: Patterns | None = Field(
+        None, description="modules (re.fullmatch) whose outputs are predicted; default: every attention"
+    )
+    use_lite_mode: bool = Field(False, description="predict only proj_out and skip whole blocks (fastest)")
+
+    check_patterns = field_validator("skip_predict_identifiers", "cache_identifiers")(_check_patterns)
+
+    @model_validator(mode="after")
+    def _order(self) -> TaylorSeerParams:
+        after = self.disable_cache_after_step
+        if after is not None and after <= self.disable_cache_before_step:
+            raise ValueError("disable_cache_after_step must be greater than disable_cache_before_step")
+        return self
+
+
+class TaylorSeer(DiffusersCache):
+    """Predict module outputs on skipped steps from a Taylor expansion of their recent history."""
+
+    name = "taylor_seer"
+    summary = "diffusers TaylorSeer: predict skipped steps' features by Taylor extrapolation"
+    Params = TaylorSeerParams
+    hook_module = "taylorseer_cache"
+
+    def build_config(self, pipe: Any, module: Any, ctx: ApplyContext) -> Any:
+        import torch
+        from diffusers.hooks import TaylorSeerCacheConfig
+
+        values = self.params.model_dump()
+        values["taylor_factors_dtype"] = getattr(torch, values["taylor_factors_dtype"])
+        return TaylorSeerCacheConfig(**values)
+
+    def describe(self) -> str:
+        p = self.params
+        mode = (
+            "lite (blocks skipped, proj_out predicted)" if p.use_lite_mode else "attention outputs predicted"
+        )
+        return (
+            f"full step every {p.cache_interval} after the first {p.disable_cache_before_step}, "
+            f"order {p.max_order}, {mode}"
+        )
+
+
+# -------------------------------------------------------------------------------------------- MagCache
+class MagCacheParams(StepParams):
+    threshold: float = Field(0.06, gt=0, description="accumulated error below which a step is skipped")
+    max_skip_steps: int = Field(3, ge=1, description="most consecutive skipped steps")
+    retention_ratio: float = Field(0.2, ge=0, le=1, description="fraction of initial steps never skipped")
+    num_inference_steps: int | None = Field(
+        None, ge=1, description="null: each pipeline call's own number of steps (ratios interpolated to it)"
+    )
+    mag_ratios: Annotated[list[float], Field(min_length=2)] | Literal["flux"] | None = Field(
+        None,
+        description="per-step residual magnitude ratios of this checkpoint; 'flux': diffusers' FLUX.1 ratios",
+    )
+    calibrate: bool = Field(False, description="measure mag_ratios with one pipeline call before the run")
+    calibration_prompt: str = Field("a photo", min_length=1)
+
+    @model_validator(mode="after")
+    def _ratios_or_calibration(self) -> MagCacheParams:
+        if self.mag_ratios is None and not self.calibrate:
+            raise ValueError(
+                "MagCache needs mag_ratios calibrated for the checkpoint: give mag_ratios (a list, or 'flux' "
+                "for FLUX.1 dev/schnell) or calibrate: true (one extra uncached pipeline call)"
+            )
+        if self.mag_ratios is not None and self.calibrate:
+            raise ValueError("give either mag_ratios or calibrate: true, not both")
+        if isinstance(self.mag_ratios, list) and any(r <= 0 for r in self.mag_ratios):
+            raise ValueError("mag_ratios are magnitude ratios and must be positive")
+        return self
+
+
+class MagCache(DiffusersCache):
+    """Skip steps while the residual's magnitude ratio, accumulated from calibrated ratios, stays near 1.
+
+    The ratios depend on the checkpoint and schedule, so they are given or calibrated (never guessed), and
+    resampled to each call's number of steps, which the step reads from the pipeline before each call.
+    """
+
+    name = "mag_cache"
+    summary = "diffusers MagCache: skip steps by calibrated residual magnitude ratios"
+    Params = MagCacheParams
+    hook_module = "mag_cache"
+    calibration_steps: ClassVar[int] = 28  # diffusers' default num_inference_steps
+
+    def __init__(self, params: MagCacheParams):
+        super().__init__(params)
+        self.ratios: list[float] = []
+        self.source = ""
+        self.config: Any = None
+        self.sync_handle: Any = None
+
+    def build_config(self, pipe: Any, module: Any, ctx: ApplyContext) -> Any:
+        from diffusers.hooks import MagCacheConfig
+        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+        p = self.params
+        if p.calibrate:
+            steps = p.num_inference_steps or self.calibration_steps
+            self.ratios = self.calibrate(pipe, module, ctx, steps)
+            self.source = f"calibrated on {steps} steps: mag_ratios {[round(r, 4) for r in self.ratios]}"
+        elif p.mag_ratios == "flux":
+            self.ratios = [float(r) for r in FLUX_MAG_RATIOS]
+            self.source = f"mag_ratios flux ({len(self.ratios)} values)"
+        else:
+            self.ratios = list(p.mag_ratios)
+            self.source = f"mag_ratios given ({len(self.ratios)} values)"
+        self.config = MagCacheConfig(
+            threshold=p.threshold,
+            max_skip_steps=p.max_skip_steps,
+            retention_ratio=p.retention_ratio,
+            num_inference_steps=p.num_inference_steps or len(self.ratios),
+            mag_ratios=list(self.ratios),
+        )
+        if p.num_inference_steps is None:
+            self.sync_handle = module.register_forward_pre_hook(self._sync_steps(pipe))
+        return self.config
+
+    def _sync_steps(self, pipe: Any) -> Any:
+        """A pre-hook that resamples the ratios when a call runs a different number of steps.
+
+        Pipelines set `_num_timesteps` before their denoising loop; kept out of torch.compile's graphs.
+        """
+        import torch
+        from diffusers.hooks.mag_cache import nearest_interp
+
+        @torch.compiler.disable
+        def sync(_module: Any, _args: Any) -> None:
+            steps = getattr(pipe, "_num_timesteps", None)
+            if isinstance(steps, int) and steps > 0 and steps != self.config.num_inference_steps:
+                self.config.num_inference_steps = steps
+                self.config.mag_ratios = nearest_interp(torch.tensor(self.ratios), steps)
+
+        return sync
+
+    def calibrate(self, pipe: Any, module: Any, ctx: ApplyContext, steps: int) -> list[float]:
+        """One uncached call in diffusers' calibration mode; diffusers prints the ratios, we read them."""
+        import torch
+        from diffusers.hooks import MagCacheConfig
+
+        module.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+        printed = io.StringIO()
+        kwargs: dict[str, Any] = (
+            {"width": ctx.width, "height": ctx.height} if ctx.width and ctx.height else {}
+        )
+        try:
+            with torch.inference_mode(), contextlib.redirect_stdout(printed):
+                pipe(
+                    prompt=self.params.calibration_prompt,
+                    num_inference_steps=steps,
+                    generator=torch.Generator("cpu").manual_seed(0),
+                    output_type="latent",
+                    **kwargs,
+                )
+        finally:
+            module.disable_cache()
+        lists = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
+        try:
+            ratios = [float(r) for r in ast.literal_eval(lists[-1])]
+        except (IndexError, ValueError, SyntaxError, TypeError):
+            raise RuntimeError(
+                "MagCache calibration printed no ratios (diffusers' calibration output may have changed); "
+                "give mag_ratios instead"
+            ) from None
+        if len(ratios) != steps:
+            raise RuntimeError(f"MagCache calibration measured {len(ratios)} ratios for {steps} steps")
+        return ratios
+
+    def describe(self) -> str:
+        p = self.params
+        steps = p.num_inference_steps or "each call's"
+        return f"threshold {p.threshold}, {self.source}, resampled to {steps} steps"
+
+    def recover(self, pipe: Any, error: BaseException) -> str | None:
+        message = super().recover(pipe, error)
+        if message is not None and self.sync_handle is not None:
+            self.sync_handle.remove()
+            self.sync_handle = None
+        return message
+
+
+OPTIMIZERS: tuple[type[Optimizer], ...] = (
+    FirstBlockCache,
+    PyramidAttentionBroadcast,
+    FasterCache,
+    TaylorSeer,
+    MagCache,
+)

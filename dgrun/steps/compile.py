@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dgrun.optimizer import TAG_REWRITES_MODULES, ApplyContext, Optimizer, StepParams
 from dgrun.steps.denoiser import components
@@ -20,6 +21,54 @@ class CompileParams(StepParams):
     backend: str = Field(
         "inductor", min_length=1, description="torch.compile backend (inductor, aot_eager, ...)"
     )
+    inductor: dict[str, bool | int | float | str] | None = Field(
+        None,
+        description="torch._inductor.config flags for this compile only, e.g. "
+        "{coordinate_descent_tuning: true, epilogue_fusion: false, triton.cudagraphs: false}",
+    )
+
+    @model_validator(mode="after")
+    def _inductor_needs_inductor(self) -> CompileParams:
+        if self.inductor and self.backend != "inductor":
+            raise ValueError(f"inductor flags need backend: inductor (backend is {self.backend!r})")
+        return self
+
+
+def inductor_options(mode: str, flags: dict[str, Any]) -> dict[str, Any]:
+    """The mode's inductor options plus `flags`, checked against torch._inductor.config.
+
+    torch.compile takes `mode` or `options`, not both, so the mode is spelled out as its options; passed as
+    `options`, the flags patch inductor's config only while this compile runs, never process-wide.
+    """
+    from torch._inductor import config, list_mode_options
+
+    known = config.get_config_copy()
+    problems = []
+    for name, value in flags.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{name!r} is not a torch._inductor.config flag{hint}")
+            continue
+        problem = _type_problem(name, known[name], value)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ValueError("bad inductor flags: " + "; ".join(problems))
+    return {**list_mode_options(mode), **flags}
+
+
+def _type_problem(name: str, default: Any, value: Any) -> str | None:
+    """A flag's value must have its default's type (ints pass for floats); other defaults are torch's job."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, type(default))) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        return None
+    return None if ok else f"{name!r} must be {type(default).__name__}, not {value!r}"
 
 
 class Compile(Optimizer):
@@ -42,7 +91,9 @@ class Compile(Optimizer):
     def _options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"fullgraph": self.params.fullgraph, "dynamic": self.params.dynamic}
         options["backend"] = self.params.backend
-        if self.params.backend == "inductor":
+        if self.params.inductor:
+            options["options"] = inductor_options(self.params.mode, self.params.inductor)
+        elif self.params.backend == "inductor":
             options["mode"] = self.params.mode
         return options
 
@@ -74,8 +125,12 @@ class Compile(Optimizer):
             vae.decode = torch.compile(vae.decode, **options)
             self._vae = vae
             names.append("vae.decode")
-        mode = options.get("mode", "")
-        return f"{', '.join(names)} with {self.params.backend}{' ' + mode if mode else ''}"
+        detail = f"{', '.join(names)} with {self.params.backend}"
+        if self.params.backend == "inductor":
+            detail += f" {self.params.mode}"
+        if self.params.inductor:
+            detail += " + " + ", ".join(f"{k}={v}" for k, v in self.params.inductor.items())
+        return detail
 
     def recover(self, pipe: Any, error: BaseException) -> str | None:
         """Undo every compilation: the modules run eagerly again."""
