@@ -8,13 +8,13 @@ so an interrupted run can be resumed and never leaves a half-written file.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from dgrun import __version__
+from dgrun.distributed import Distributed, RankTerminated, merge_rank_reports, shard, verdict
 from dgrun.errors import DgrunError, RecipeError, RunError
 from dgrun.loading import LoadedRecipe
 from dgrun.models import builtin_model, kind_from_components
@@ -29,6 +29,7 @@ from dgrun.outputs import (
 )
 from dgrun.planner import Plan, PlannedStep, kind_problems, plan_recipe
 from dgrun.plugins import Registry
+from dgrun.quiet import quiet_libraries
 from dgrun.records import (
     RECORD_FILE,
     RECORD_SCHEMA,
@@ -111,12 +112,23 @@ class Run:
         self.plan: Plan | None = None
         self.pipe: Any = None
         self.first_call_done = False
+        # Data parallel (dgrun.distributed): this rank's place in a torchrun / accelerate launch.
+        self.dist = Distributed.from_env()
+        self.made: list[dict[str, Any]] = []
+        self.writes_images = True
 
     # ----------------------------------------------------------------------------------------- setup
     def prepare(self) -> Previous:
         """Everything that can fail on bad input, before any model is loaded or file written."""
         self.registry.check_consistent()
-        self.plan = plan_recipe(self.loaded, self.registry, Environment.probe(self.recipe.model.device))
+        device = self.dist.device(self.recipe.model.device)
+        self.plan = plan_recipe(self.loaded, self.registry, Environment.probe(device))
+        self.dist.start(self.plan.env.device_kind)
+        # Only rank 0 looks at (and may clean) the output directory; every rank gets its verdict.
+        return verdict(self.dist, self._check_output)
+
+    def _check_output(self) -> Previous:
+        assert self.plan is not None
         previous = inspect_output_dir(self.out_dir, self.sha, self.options.overwrite, self.options.resume)
         blocking = self.plan.blocking()
         if blocking:
@@ -148,6 +160,7 @@ class Run:
                 for p in self.registry.plugins
             ],
             "device": self.plan.env.device,
+            "world_size": self.dist.world_size,
             "dtype": None,
             "model": {"id": self.recipe.model.id, "kind": None, "pipeline_class": None},
             "trust_remote_code": {
@@ -175,17 +188,28 @@ class Run:
         }
 
     def save(self) -> None:
+        if not self.dist.is_main:
+            return  # rank 0 alone writes run.json, merging the other ranks' images at the end
         if self.plan is not None:
             self.record["plan"] = [s.record() for s in self.plan.steps]
         write_json(self.out_dir / RECORD_FILE, self.record)
 
     # ------------------------------------------------------------------------------------------- run
     def execute(self) -> dict[str, Any]:
+        try:
+            return self._execute()
+        finally:
+            self.dist.close()
+
+    def _execute(self) -> dict[str, Any]:
         previous = self.prepare()
         self.start_record()
         self.save()
         try:
             self._run(previous)
+        except RankTerminated as exc:
+            self._finish("failed", str(exc), gather=False)
+            raise
         except KeyboardInterrupt:
             self._finish("interrupted", "interrupted by the user (Ctrl-C); `--resume` finishes the run")
             raise
@@ -197,6 +221,8 @@ class Run:
             self._finish("failed", message)
             raise RunError(message) from exc
         self._finish("complete", None)
+        if self.record["status"] != "complete":  # another rank failed: every rank fails alike
+            raise RunError(self.record["error"] or "another rank failed")
         return self.record
 
     def _describe(self, exc: BaseException) -> str:
@@ -206,7 +232,9 @@ class Run:
             return MEMORY_HINT + f" ({str(exc).splitlines()[0] if str(exc) else 'OutOfMemoryError'})"
         return f"{type(exc).__name__}: {exc}"
 
-    def _finish(self, status: str, error: str | None) -> None:
+    def _finish(self, status: str, error: str | None, gather: bool = True) -> None:
+        if self.dist.active:
+            status, error = self._merge_ranks(status, error, gather)
         self.record["status"] = status
         self.record["error"] = error
         self.record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -219,7 +247,7 @@ class Run:
         import torch
 
         assert self.plan is not None
-        _quiet_libraries()
+        quiet_libraries()
         env = self.plan.env
         dtype = resolve_dtype(self.recipe.model.dtype, env.device_kind)
         self.record["dtype"] = str(dtype).removeprefix("torch.")
@@ -244,15 +272,28 @@ class Run:
         self.record["timings"]["apply_seconds"] = round(time.perf_counter() - apply_started, 4)
         self.save()
 
-        todo = [job for job in self.jobs if job.file not in previous.done]
+        # Ranks that make each image together (context_parallel) share one shard; their first rank writes.
+        group = max(
+            [getattr(s.optimizer, "ranks_per_image", 1) for s in self.plan.steps if s.status == "applied"],
+            default=1,
+        )
+        self.writes_images = self.dist.rank % group == 0
+        dp_rank, dp_world = self.dist.rank // group, self.dist.world_size // group
+        mine = shard(self.jobs, lambda job: job.prompt_index, dp_rank, dp_world)
+        todo = [job for job in mine if job.file not in previous.done]
         self.record["images"] = [previous.done[job.file] for job in self.jobs if job.file in previous.done]
+        if self.dist.active:
+            self.observer.stage(
+                f"data parallel: rank {self.dist.rank} of {self.dist.world_size} makes "
+                f"{len(mine)} of {len(self.jobs)} images"
+            )
         with torch.inference_mode():
             warmup_started = time.perf_counter()
             for index in range(self.recipe.generate.warmup):
                 self.observer.stage(f"warmup call {index + 1} of {self.recipe.generate.warmup}")
                 self._call(self._batches(self.jobs)[0], warmup=True)
             self.record["timings"]["warmup_seconds"] = round(time.perf_counter() - warmup_started, 4)
-            self.observer.generation_started(len(self.jobs), len(self.jobs) - len(todo))
+            self.observer.generation_started(len(mine), len(mine) - len(todo))
             for batch in self._batches(todo):
                 self._generate(batch)
         self.record["timings"]["total_seconds"] = round(time.perf_counter() - started, 4)
@@ -402,6 +443,8 @@ class Run:
         started = time.perf_counter()
         images = self._call(batch)
         seconds = (time.perf_counter() - started) / len(batch)
+        if not self.writes_images:
+            return
         versions = self.record["versions"]
         for job, image in zip(batch, images, strict=True):
             info = {
@@ -428,11 +471,22 @@ class Run:
                 "height": image.height,
                 "sha256": digest,
                 "seconds": round(seconds, 4),
+                "rank": self.dist.rank,
             }
+            self.made.append(entry)
             self.record["images"].append(entry)
             self.observer.image_done(entry)
         self.record["images"].sort(key=lambda e: (e["prompt_index"], e["image_index"]))
         self.save()
+
+    # ------------------------------------------------------------------------------ data parallel
+    def _merge_ranks(self, status: str, error: str | None, gather: bool) -> tuple[str, str | None]:
+        """Collect every rank's images and outcome; the run is complete only if every rank completed."""
+        assert self.plan is not None
+        mine = {"rank": self.dist.rank, "device": self.plan.env.device, "status": status, "error": error}
+        merged = merge_rank_reports(self.dist, mine, self.made, self.record["images"], gather)
+        self.record["images"], self.record["ranks"], status, error = merged
+        return status, error
 
 
 def _group(jobs: list[ImageJob]) -> list[list[ImageJob]]:
@@ -441,24 +495,6 @@ def _group(jobs: list[ImageJob]) -> list[list[ImageJob]]:
     for job in jobs:
         groups.setdefault(job.prompt_index, []).append(job)
     return list(groups.values())
-
-
-def _quiet_libraries() -> None:
-    """Silence library chatter that is not for dgrun's users (progress bars, experimental-API warnings)."""
-    import warnings
-
-    for name in ("diffusers", "transformers", "accelerate", "torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-    with contextlib.suppress(Exception):
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-    with contextlib.suppress(Exception):
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.set_verbosity_error()
 
 
 def run_recipe(

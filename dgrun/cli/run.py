@@ -125,18 +125,24 @@ def run(
     if dry_run:
         guard(debug, lambda: print_plan(loaded, registry, explain=True))
         return
-    from dgrun.runner import Run, RunOptions
+    from dgrun.distributed import launch_rank
+    from dgrun.runner import Run, RunObserver, RunOptions
 
     options = RunOptions(out_dir, overwrite, resume, trust_remote_code, argv=sys.argv[1:])
-    observer = RichObserver()
+    # Under torchrun / accelerate launch only rank 0 shows progress; the other ranks work silently.
+    main_rank = launch_rank() == 0
+    observer = RichObserver() if main_rank else RunObserver()
     runner = guard(debug, lambda: Run(loaded, registry, options, observer))
-    out.print(f"[bold]{escape(loaded.recipe.name)}[/bold] → {escape(str(runner.out_dir))}")
+    if main_rank:
+        out.print(f"[bold]{escape(loaded.recipe.name)}[/bold] → {escape(str(runner.out_dir))}")
 
     def execute() -> dict[str, Any]:
         try:
             return runner.execute()
         finally:
-            observer.close()
+            if isinstance(observer, RichObserver):
+                observer.close()
 
     record = guard(debug, execute)
-    _summary(record, runner.out_dir)
+    if main_rank:
+        _summary(record, runner.out_dir)
