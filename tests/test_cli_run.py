@@ -21,7 +21,7 @@ prompts: [one, two, three, four, five, six]
 
 
 def _dgrun(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "COLUMNS": "120"}
+    env = {**os.environ, "COLUMNS": "120", "OMP_NUM_THREADS": "1"}  # no thread oversubscription
     return subprocess.Popen(
         [sys.executable, "-m", "dgrun", *args],
         cwd=cwd,
