@@ -86,6 +86,7 @@ def _start(directory: Path, site: Path, *args: str, **env_extra: str) -> subproc
         "PYTHONPATH": str(site),
         "DGRUN_TEST_MARKS": str(marks),
         "COLUMNS": "120",
+        "OMP_NUM_THREADS": "1",
         **env_extra,
     }
     return subprocess.Popen(
