@@ -44,6 +44,35 @@ def tiny_pipeline(kind: str = "unet", dtype: Any = None) -> Any:
     return builders[kind](dtype=dtype)
 
 
+def generate_array(pipe: Any, prompt: str | list[str], steps: int, seed: int = 0) -> Any:
+    """The images as one float32 array in [0, 1] from a seeded CPU generator: compare with tolerances."""
+    import numpy as np
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.inference_mode():
+        images = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="np").images
+    return np.asarray(images, dtype=np.float32)
+
+
+@contextlib.contextmanager
+def count_calls(*modules: Any) -> Iterator[list[int]]:
+    """Count forward calls of each module inside the block (`counts[i]`): proof that a cache skipped work."""
+    counts = [0] * len(modules)
+    handles = []
+    for index, module in enumerate(modules):
+
+        def hook(*_: object, index: int = index) -> None:
+            counts[index] += 1
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def recipe_data(**overrides: Any) -> dict[str, Any]:
     """A small valid recipe on dgrun:tiny-sd (2 prompts, 3 steps); keyword arguments replace its top keys."""
     data: dict[str, Any] = {

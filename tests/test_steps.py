@@ -8,7 +8,6 @@ test builds fresh pipelines; only the untouched baseline images are cached for t
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -23,7 +22,7 @@ from dgrun.steps.cache import FirstBlockCache  # noqa: E402
 from dgrun.steps.compile import Compile  # noqa: E402
 from dgrun.steps.runtime import TF32  # noqa: E402
 from dgrun.steps.vae import VaeSlicing, VaeTiling  # noqa: E402
-from dgrun.testing import tiny_pipeline  # noqa: E402
+from dgrun.testing import count_calls, generate_array, tiny_pipeline  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 PROMPTS = [PROMPT, "a green square on a white background"]
@@ -48,24 +47,11 @@ def _ctx(
 
 
 def _generate(pipe, prompt: str | list[str] = PROMPT, steps: int = 4) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(0)
-    images = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="np").images
-    return np.asarray(images, dtype=np.float32)
+    return generate_array(pipe, prompt, steps)
 
 
-@contextlib.contextmanager
 def _counting(module: torch.nn.Module) -> Iterator[list[int]]:
-    """Count forward calls of `module` while the block runs (the count is `counter[0]`)."""
-    counter = [0]
-
-    def hook(*_: object) -> None:
-        counter[0] += 1
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield counter
-    finally:
-        handle.remove()
+    return count_calls(module)
 
 
 def _attention_modules(module: torch.nn.Module) -> list[torch.nn.Module]:

@@ -9,7 +9,6 @@ Rules (model kind, conflicts, order) are checked through the planner, without lo
 
 from __future__ import annotations
 
-import contextlib
 import re
 import textwrap
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from dgrun.plugins import Registry, build_registry  # noqa: E402
 from dgrun.steps.attention import Xformers  # noqa: E402
 from dgrun.steps.cache import FasterCache, MagCache, PyramidAttentionBroadcast, TaylorSeer  # noqa: E402
 from dgrun.steps.compile import Compile, CompileParams  # noqa: E402
-from dgrun.testing import run_recipe_data, tiny_pipeline  # noqa: E402
+from dgrun.testing import count_calls, generate_array, run_recipe_data, tiny_pipeline  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 STEPS = 8
@@ -48,21 +47,11 @@ def _ctx() -> ApplyContext:
 
 
 def _generate(pipe: Any, steps: int = STEPS) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(0)
-    with torch.inference_mode():
-        images = pipe(PROMPT, num_inference_steps=steps, generator=generator, output_type="np").images
-    return np.asarray(images, dtype=np.float32)
+    return generate_array(pipe, PROMPT, steps)
 
 
-@contextlib.contextmanager
 def _counting(module: torch.nn.Module) -> Iterator[list[int]]:
-    """Count forward calls of `module` while the block runs (the count is `counter[0]`)."""
-    counter = [0]
-    handle = module.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
-    try:
-        yield counter
-    finally:
-        handle.remove()
+    return count_calls(module)
 
 
 def _hooks(module: torch.nn.Module) -> dict[str, list[str]]:

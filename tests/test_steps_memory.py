@@ -28,7 +28,7 @@ from dgrun.steps import runtime  # noqa: E402
 from dgrun.steps.offload import CpuOffload, GroupOffloading, SequentialCpuOffload  # noqa: E402
 from dgrun.steps.precision import ChannelsLast, LayerwiseCasting  # noqa: E402
 from dgrun.steps.runtime import CudaMemory, CudnnBenchmark, merge_alloc_conf  # noqa: E402
-from dgrun.testing import run_recipe_data, tiny_pipeline  # noqa: E402
+from dgrun.testing import generate_array, run_recipe_data, tiny_pipeline  # noqa: E402
 
 CPU = Environment(device="cpu", device_kind="cpu")
 CUDA = Environment(device="cuda:1", device_kind="cuda", cuda_capability=(9, 0))
@@ -45,9 +45,7 @@ def _ctx(env: Environment = CPU) -> ApplyContext:
 
 
 def _generate(pipe: Any) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(0)
-    images = pipe(PROMPT, num_inference_steps=2, generator=generator, output_type="np").images
-    return np.asarray(images, dtype=np.float32)
+    return generate_array(pipe, PROMPT, 2)
 
 
 def _fresh(kind: str) -> Any:

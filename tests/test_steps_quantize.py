@@ -23,7 +23,7 @@ from dgrun.optimizer import ApplyContext, Environment, ModelKind  # noqa: E402
 from dgrun.planner import plan_recipe  # noqa: E402
 from dgrun.plugins import Registry, build_registry  # noqa: E402
 from dgrun.steps.quantize import Quantize, quantized_layers  # noqa: E402
-from dgrun.testing import run_recipe_data, tiny_pipeline  # noqa: E402
+from dgrun.testing import generate_array, run_recipe_data, tiny_pipeline  # noqa: E402
 
 CPU = Environment(device="cpu", device_kind="cpu")
 CUDA = Environment(device="cuda", device_kind="cuda", cuda_capability=(9, 0))
@@ -36,9 +36,7 @@ def _ctx(kind: ModelKind | None = None) -> ApplyContext:
 
 
 def _generate(pipe: Any) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(0)
-    images = pipe(PROMPT, num_inference_steps=2, generator=generator, output_type="np").images
-    return np.asarray(images, dtype=np.float32)
+    return generate_array(pipe, PROMPT, 2)
 
 
 def _fresh(kind: str) -> Any:

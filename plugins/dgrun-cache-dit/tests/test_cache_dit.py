@@ -6,7 +6,6 @@ step rewires the pipeline it is given. The tiny FLUX transformer has 2 + 2 block
 
 from __future__ import annotations
 
-import contextlib
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from dgrun.models import static_model_info  # noqa: E402
 from dgrun.optimizer import ApplyContext, Environment, ModelKind  # noqa: E402
 from dgrun.planner import make_plan  # noqa: E402
 from dgrun.plugins import build_registry  # noqa: E402
-from dgrun.testing import run_recipe_data, tiny_pipeline  # noqa: E402
+from dgrun.testing import count_calls, generate_array, run_recipe_data, tiny_pipeline  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 STEPS = 8
@@ -41,20 +40,11 @@ def _ctx() -> ApplyContext:
 
 
 def _generate(pipe: Any) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(0)
-    with torch.inference_mode():
-        images = pipe(PROMPT, num_inference_steps=STEPS, generator=generator, output_type="np").images
-    return np.asarray(images, dtype=np.float32)
+    return generate_array(pipe, PROMPT, STEPS)
 
 
-@contextlib.contextmanager
 def _counting(module: torch.nn.Module) -> Iterator[list[int]]:
-    counter = [0]
-    handle = module.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
-    try:
-        yield counter
-    finally:
-        handle.remove()
+    return count_calls(module)
 
 
 def _last_mlp(pipe: Any) -> torch.nn.Module:

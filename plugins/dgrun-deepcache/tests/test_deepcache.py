@@ -6,7 +6,6 @@ step rewires the UNet it is given.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ pytest.importorskip("DeepCache")
 from dgrun_deepcache import DeepCache, DeepCacheParams  # noqa: E402
 
 from dgrun.optimizer import ApplyContext, Environment, ModelKind  # noqa: E402
-from dgrun.testing import tiny_pipeline  # noqa: E402
+from dgrun.testing import count_calls, generate_array, tiny_pipeline  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 STEPS = 6
@@ -37,27 +36,11 @@ def _ctx() -> ApplyContext:
 
 
 def _generate(pipe, steps: int = STEPS) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(0)
-    images = pipe(PROMPT, num_inference_steps=steps, generator=generator, output_type="np").images
-    return np.asarray(images, dtype=np.float32)
+    return generate_array(pipe, PROMPT, steps)
 
 
-@contextlib.contextmanager
 def _counting(*modules: torch.nn.Module) -> Iterator[list[int]]:
-    """Count forward calls of each module while the block runs."""
-    counts = [0] * len(modules)
-    handles = []
-    for index, module in enumerate(modules):
-
-        def hook(*_: object, index: int = index) -> None:
-            counts[index] += 1
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield counts
-    finally:
-        for handle in handles:
-            handle.remove()
+    return count_calls(*modules)
 
 
 def _probes(pipe) -> tuple[torch.nn.Module, torch.nn.Module]:
