@@ -47,6 +47,15 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             32,
             "random-weight FLUX pipeline (transformer), built in code; for tests",
         ),
+        BuiltinModel(
+            "default",
+            ModelKind.UNET,
+            "dgrun.models.architecture:load_default",
+            "StableDiffusionPipeline",
+            64,
+            "small text-to-image model (UNet) trained by the project, shipped in the package: "
+            "'a red circle on a blue background'",
+        ),
     )
 }
 
