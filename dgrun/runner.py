@@ -291,7 +291,7 @@ class Run:
             warmup_started = time.perf_counter()
             for index in range(self.recipe.generate.warmup):
                 self.observer.stage(f"warmup call {index + 1} of {self.recipe.generate.warmup}")
-                self._call(self._batches(self.jobs)[0], warmup=True)
+                self._call(self._batches(self.jobs)[0])
             self.record["timings"]["warmup_seconds"] = round(time.perf_counter() - warmup_started, 4)
             self.observer.generation_started(len(mine), len(mine) - len(todo))
             for batch in self._batches(todo):
@@ -357,7 +357,7 @@ class Run:
         size = self.recipe.generate.batch_size
         return [[job for group in groups[i : i + size] for job in group] for i in range(0, len(groups), size)]
 
-    def _call(self, batch: list[ImageJob], warmup: bool = False) -> list[Any]:
+    def _call(self, batch: list[ImageJob]) -> list[Any]:
         """One pipeline call; the first one may trigger compilation, so failures there can be recovered."""
         if self.first_call_done:
             return self._pipeline_call(batch)
