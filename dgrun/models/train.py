@@ -55,8 +55,8 @@ class Budget:
 
 
 QUICK = Budget(
-    vae_steps=3, vae_batch=4, decoder_steps=2, samples=32, unet_steps=3, dit_steps=3, batch=4, eval_every=2, eval_prompts=2,
-    eval_steps=2, check_images=4,
+    vae_steps=3, vae_batch=4, decoder_steps=2, samples=32, unet_steps=3, dit_steps=3, batch=4, eval_every=2,
+    eval_prompts=2, eval_steps=2, check_images=4,
 )  # fmt: skip
 
 
