@@ -95,7 +95,7 @@ def train_vae(budget: Budget, work: Path, ui: Console) -> Any:
     vae = arch.build_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=budget.lr, weight_decay=0.0)
     ckpt = Checkpoint(
-        work, "vae", {"seed": budget.seed, "steps": budget.vae_steps, "batch": budget.vae_batch}
+        work, "vae", {"seed": budget.seed, "steps": budget.vae_steps, "batch": budget.vae_batch}, _VERSION
     )
     start = _resume(ckpt, {"vae": vae}, optimizer)
     with ui.progress() as bar:
@@ -129,8 +129,8 @@ def train_decoder(budget: Budget, vae: Any, work: Path, ui: Console) -> Any:
     for param in decoder:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(decoder, lr=budget.lr, weight_decay=0.0)
-    key = {"version": _VERSION, "seed": budget.seed, "vae": budget.vae_steps, "steps": budget.decoder_steps}
-    ckpt = Checkpoint(work, "decoder", {**key, "batch": budget.vae_batch})
+    key = {"seed": budget.seed, "vae": budget.vae_steps, "steps": budget.decoder_steps}
+    ckpt = Checkpoint(work, "decoder", {**key, "batch": budget.vae_batch}, _VERSION)
     start = _resume(ckpt, {"vae": vae}, optimizer)
     with ui.progress() as bar:
         task = bar.add_task("decoder", total=budget.decoder_steps, completed=start, info="")
@@ -177,7 +177,7 @@ def _resume(ckpt: Checkpoint, models: dict[str, Any], optimizer: Any, ema: Ema |
 def _key(budget: Budget, steps: str) -> dict[str, Any]:
     """The budget fields a denoiser's weights depend on (evaluation settings do not count)."""
     names = ("seed", "vae_steps", "vae_batch", "samples", "batch", "lr", steps)
-    return {"version": _VERSION, **{name: getattr(budget, name) for name in names}}
+    return {name: getattr(budget, name) for name in names}
 
 
 @dataclass
@@ -195,7 +195,7 @@ def encode_dataset(budget: Budget, vae: Any, work: Path, ui: Console) -> Latents
     import torch
 
     ckpt = Checkpoint(
-        work, "latents", {"seed": budget.seed, "samples": budget.samples, "vae": budget.vae_steps}
+        work, "latents", {"seed": budget.seed, "samples": budget.samples, "vae": budget.vae_steps}, _VERSION
     )
     state = ckpt.load()
     if state is not None:
@@ -248,7 +248,7 @@ def train_unet(budget: Budget, data: Latents, vae: Any, tokenizer: Any, work: Pa
     params = [*text_encoder.parameters(), *unet.parameters()]
     optimizer = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.01)
     ema = Ema([text_encoder, unet])
-    ckpt = Checkpoint(work, "unet", _key(budget, "unet_steps"))
+    ckpt = Checkpoint(work, "unet", _key(budget, "unet_steps"), _VERSION)
     start = _resume(ckpt, {"text_encoder": text_encoder, "unet": unet}, optimizer, ema)
     scale = 1.0 / data.std
     alphas = torch.cumprod(1 - torch.linspace(arch.BETA_START, arch.BETA_END, arch.TRAIN_TIMESTEPS), 0)
@@ -299,7 +299,7 @@ def train_dit(budget: Budget, data: Latents, vae: Any, tokenizer: Any, work: Pat
     params = [p for m in (*encoders, transformer) for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.01)
     ema = Ema([*encoders, transformer])
-    ckpt = Checkpoint(work, "dit", _key(budget, "dit_steps"))
+    ckpt = Checkpoint(work, "dit", _key(budget, "dit_steps"), _VERSION)
     start = _resume(
         ckpt, {"encoder_1": encoders[0], "encoder_2": encoders[1], "transformer": transformer}, optimizer, ema
     )
