@@ -316,9 +316,9 @@ def main() -> None:
 
     from dgrun.optimizer import ModelKind
     from dgrun.plugins import build_registry
-    from dgrun.runner import _quiet_libraries
+    from dgrun.quiet import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     registry = build_registry()
     if args.model:
         plans: list[tuple[str, list[Variant] | None]] = [(args.model, None)]
