@@ -57,7 +57,7 @@ def test_ctrl_c_exits_130_keeps_finished_images_and_resume_completes(tmp_path):
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert time.monotonic() - interrupted_at < 15
+    assert time.monotonic() - interrupted_at < 30  # seconds when idle; room for a loaded machine
     assert "interrupted" in stderr and "Traceback" not in stderr
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "interrupted"

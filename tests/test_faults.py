@@ -112,7 +112,8 @@ def _interrupt(process: subprocess.Popen) -> str:
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert time.monotonic() - sent < 15, "Ctrl-C must stop a run within seconds"
+    # Seconds when the machine is idle; the bound leaves room for a loaded 2-core CI machine.
+    assert time.monotonic() - sent < 30, "Ctrl-C must stop a run within seconds"
     assert "Traceback" not in stderr
     return stderr
 
