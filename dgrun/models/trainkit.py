@@ -13,9 +13,9 @@ _PAD_TOKENS = 256  # zero "T5" tokens StableDiffusion3Pipeline appends by defaul
 class Checkpoint:
     """One phase's state in the work folder, written atomically and ignored when the budget differs."""
 
-    def __init__(self, work: Path, phase: str, key: dict[str, Any]):
+    def __init__(self, work: Path, phase: str, key: dict[str, Any], version: int):
         self.path = work / f"{phase}.pt"
-        self.key = key
+        self.key = {"version": version, **key}
 
     def load(self) -> dict[str, Any] | None:
         import torch
