@@ -11,7 +11,6 @@ Targets for `dgrun:default`: colour ≥ 0.95, background ≥ 0.95, shape ≥ 0.8
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -19,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see dgrun/models/train.py: shared cores
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -59,15 +57,17 @@ def quickstart_grid(path: Path, model: str, scale: int = 3) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         record = run_recipe(loaded, build_registry(), RunOptions(out=tmp))
         tiles = [(i["prompt"], Image.open(Path(tmp) / i["file"]).convert("RGB")) for i in record["images"]]
-        side, caption, pad = 64 * scale, 30, 8
-        grid = Image.new("RGB", (len(tiles) * (side + pad) + pad, side + caption + 2 * pad), "white")
+        side, caption, pad, columns = 64 * scale, 30, 8, 4
+        rows = -(-len(tiles) // columns)
+        width, height = side + pad, side + caption + pad
+        grid = Image.new("RGB", (min(len(tiles), columns) * width + pad, rows * height + pad), "white")
         pen = ImageDraw.Draw(grid)
         for index, (prompt, image) in enumerate(tiles):
-            left = pad + index * (side + pad)
-            grid.paste(image.resize((side, side), Image.Resampling.NEAREST), (left, pad))
+            left, top = pad + (index % columns) * width, pad + (index // columns) * height
+            grid.paste(image.resize((side, side), Image.Resampling.NEAREST), (left, top))
             words = prompt.split(" on ")
             for line, text in enumerate([words[0], "on " + words[1]] if len(words) == 2 else [prompt]):
-                pen.text((left, pad + side + 3 + 12 * line), text, fill="black")
+                pen.text((left, top + side + 3 + 12 * line), text, fill="black")
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path, optimize=True)
     print(f"wrote {path} ({len(tiles)} images from recipes/quickstart.yaml on dgrun:{model})")
@@ -75,7 +75,9 @@ def quickstart_grid(path: Path, model: str, scale: int = 3) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["default"], help="built-in model names, e.g. default")
+    parser.add_argument(
+        "--models", nargs="+", default=["default", "default-dit"], help="built-in model names"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=None, help="default: the pipeline's own")
     parser.add_argument("--batch", type=int, default=1, help="prompts per pipeline call")

@@ -56,6 +56,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "small text-to-image model (UNet) trained by the project, shipped in the package: "
             "'a red circle on a blue background'",
         ),
+        BuiltinModel(
+            "default-dit",
+            ModelKind.TRANSFORMER,
+            "dgrun.models.architecture:load_default_dit",
+            "StableDiffusion3Pipeline",
+            64,
+            "the same data on a small SD3 transformer pipeline (no T5), trained and shipped likewise",
+        ),
     )
 }
 

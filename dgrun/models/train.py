@@ -1,12 +1,14 @@
 """Train `dgrun:default` (UNet) and `dgrun:default-dit` (SD3 transformer) from scratch on 2 CPU cores.
 
-    python -m dgrun.models.train                 # both models into dgrun/models/weights/, ~45 min
+    python -m dgrun.models.train                 # both models into dgrun/models/weights/
     python -m dgrun.models.train --which unet --steps unet=3000
     python -m dgrun.models.train --quick --out /tmp/m --work /tmp/w   # a smoke test in seconds
 
 Phases: VAE on freshly drawn pictures → the data set encoded once to latents → UNet and its text encoder
 → SD3 transformer and its two text encoders. Every phase checkpoints into `--work`, so a rerun resumes
-where a crash stopped; every random draw comes from (seed, phase, step), so a resumed run is the same run.
+where a crash stopped; every random draw comes from (seed, phase, step), so a resumed run is the same run
+(a rerun reproduced the VAE and its latents bit for bit). Steps, not minutes, set the budget: on 2 idle
+cores the whole run is estimated at ~37 min; on cores shared with other jobs it took 2 h 7 min.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,12 +30,8 @@ from dgrun.models import architecture as arch
 from dgrun.models import shapes
 from dgrun.models.trainkit import Checkpoint, Console, Ema, PadBiasJointAttention, due, optimize
 
-# With another process on the same 2 cores, OpenMP's default spin-waiting made a training step ~4× slower on
-# 2 threads than on 1; passive waiting removes that. It only counts if set before torch is first imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 _VERSION = 1  # bump when a change makes old checkpoints meaningless
-_PHASES = {"vae": 1, "latents": 2, "unet": 3, "dit": 4, "decoder": 5}
+_PHASES = {"vae": 1, "latents": 2, "unet": 3, "dit": 4}
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,6 @@ class Budget:
     seed: int = 0
     vae_steps: int = 1200
     vae_batch: int = 16
-    decoder_steps: int = 1000
     samples: int = 30_000
     unet_steps: int = 4500
     dit_steps: int = 6000
@@ -55,7 +53,7 @@ class Budget:
 
 
 QUICK = Budget(
-    vae_steps=3, vae_batch=4, decoder_steps=2, samples=32, unet_steps=3, dit_steps=3, batch=4, eval_every=2,
+    vae_steps=3, vae_batch=4, samples=32, unet_steps=3, dit_steps=3, batch=4, eval_every=2,
     eval_prompts=2, eval_steps=2, check_images=4,
 )  # fmt: skip
 
@@ -112,41 +110,7 @@ def train_vae(budget: Budget, work: Path, ui: Console) -> Any:
             if due(step, budget.vae_steps, budget.eval_every):
                 ckpt.save(step=step + 1, vae=vae.state_dict(), optimizer=optimizer.state_dict())
                 ui.print(f"vae step {step + 1}: reconstructions {_vae_check(budget, vae)}")
-    return vae.eval().requires_grad_(False)
-
-
-def train_decoder(budget: Budget, vae: Any, work: Path, ui: Console) -> Any:
-    """More training for the decoder alone, the encoder frozen: sharper pictures, same latents.
-
-    The denoisers only ever see the encoder's latents, so this phase changes nothing they learn; it runs
-    after the data set is encoded, and the shipped pipelines get the sharper decoder.
-    """
-    import torch
-
-    torch.manual_seed(budget.seed + 3)
-    vae.requires_grad_(False)
-    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    for param in decoder:
-        param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(decoder, lr=budget.lr, weight_decay=0.0)
-    key = {"seed": budget.seed, "vae": budget.vae_steps, "steps": budget.decoder_steps}
-    ckpt = Checkpoint(work, "decoder", {**key, "batch": budget.vae_batch}, _VERSION)
-    start = _resume(ckpt, {"vae": vae}, optimizer)
-    with ui.progress() as bar:
-        task = bar.add_task("decoder", total=budget.decoder_steps, completed=start, info="")
-        for step in range(start, budget.decoder_steps):
-            pixels = _to_pixels(shapes.make_batch(_rng(budget, "decoder", step), budget.vae_batch)[0])
-            with torch.no_grad():
-                posterior = vae.encode(pixels).latent_dist
-                noise = torch.randn(posterior.mean.shape, generator=_generator(budget, "decoder", step))
-                latents = posterior.mean + posterior.std * noise
-            error = vae.decode(latents).sample - pixels
-            loss = error.abs().mean() + error.pow(2).mean()
-            optimize(optimizer, loss, 0.5 * _lr(budget, step, budget.decoder_steps, warmup=50))
-            ui.advance(bar, task, f"loss {loss.item():.4f}")
-            if due(step, budget.decoder_steps, budget.eval_every):
-                ckpt.save(step=step + 1, vae=vae.state_dict(), optimizer=optimizer.state_dict())
-                ui.print(f"decoder step {step + 1}: reconstructions {_vae_check(budget, vae)}")
+    ui.spent["vae"] = ckpt.seconds
     return vae.eval().requires_grad_(False)
 
 
@@ -199,6 +163,7 @@ def encode_dataset(budget: Budget, vae: Any, work: Path, ui: Console) -> Latents
     )
     state = ckpt.load()
     if state is not None:
+        ui.spent["latents"] = ckpt.seconds
         return Latents(**state["data"])
     prompts = [shapes.make_prompt(*combo) for combo in shapes.combinations()] + [""]
     lookup = {prompt: index for index, prompt in enumerate(prompts)}
@@ -214,6 +179,7 @@ def encode_dataset(budget: Budget, vae: Any, work: Path, ui: Console) -> Latents
     latents = torch.cat(parts)
     data = Latents(latents, torch.tensor(indices), prompts, float(latents.mean()), float(latents.std()))
     ckpt.save(data=asdict(data))
+    ui.spent["latents"] = ckpt.seconds
     return data
 
 
@@ -275,6 +241,7 @@ def train_unet(budget: Budget, data: Latents, vae: Any, tokenizer: Any, work: Pa
                 models = {"text_encoder": text_encoder.state_dict(), "unet": unet.state_dict()}
                 ckpt.save(step=step + 1, optimizer=optimizer.state_dict(), ema=ema.state_dict(), **models)
                 ui.print(f"unet step {step + 1}: adherence {shapes.format_scores(evaluate(pipe, budget))}")
+    ui.spent["unet"] = ckpt.seconds
     return pipe
 
 
@@ -332,6 +299,7 @@ def train_dit(budget: Budget, data: Latents, vae: Any, tokenizer: Any, work: Pat
                 states = {name: model.state_dict() for name, model in models.items()}
                 ckpt.save(step=step + 1, optimizer=optimizer.state_dict(), ema=ema.state_dict(), **states)
                 ui.print(f"dit step {step + 1}: adherence {shapes.format_scores(evaluate(pipe, budget))}")
+    ui.spent["dit"] = ckpt.seconds
     return pipe
 
 
@@ -390,6 +358,24 @@ def save(pipe: Any, directory: Path, report: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def _choose_wait_policy() -> str:
+    """Passive OpenMP waiting when other processes already keep the cores busy; must run before torch loads.
+
+    Measured on 2 cores: with other jobs running, spin-waiting threads made training steps ~3–4× slower
+    than passive ones; on an idle machine spinning is 1.5–2× faster. The math, and so the weights, are the
+    same either way. An OMP_WAIT_POLICY set by the user is left alone.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return f"{os.environ['OMP_WAIT_POLICY']} (from the environment)"
+    if "torch" in sys.modules:
+        return "unchanged (torch already loaded)"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load < 1.0:
+        return f"default (load average {load:.1f} at start)"
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return f"PASSIVE (load average {load:.1f} at start)"
+
+
 def _quiet_libraries() -> None:
     """Library warnings about float16 casts and absent T5 slots, and their progress bars, are noise here."""
     import diffusers
@@ -424,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     budget = parse_steps(args.steps, replace(QUICK if args.quick else Budget(), seed=args.seed))
+    waiting = _choose_wait_policy()
     _quiet_libraries()
     ui = Console()
     ui.print(f"budget: {json.dumps(asdict(budget))}")
+    ui.print(f"OpenMP wait policy: {waiting}")
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -441,7 +429,6 @@ def main(argv: list[str] | None = None) -> int:
     vae = phase("vae", lambda: train_vae(budget, args.work, ui))
     data = phase("latents", lambda: encode_dataset(budget, vae, args.work, ui))
     ui.print(f"latents: mean {data.mean:.3f} std {data.std:.3f}")
-    vae = phase("decoder", lambda: train_decoder(budget, vae, args.work, ui))
     final = shapes.combinations() if not args.quick else shapes.combinations()[::45]
     prompts = [shapes.make_prompt(*combo) for combo in final]
     jobs = {"unet": ("default", train_unet), "dit": ("default-dit", train_dit)}
@@ -451,15 +438,15 @@ def main(argv: list[str] | None = None) -> int:
         pipe = phase(which, lambda train=train: train(budget, data, vae, tokenizer, args.work, ui))
         scores = evaluate(pipe, budget, prompts)
         ui.print(f"{name}: adherence on {len(prompts)} prompts: {shapes.format_scores(scores)}")
-        steps = {
-            "vae": budget.vae_steps,
-            "decoder": budget.decoder_steps,
-            which: getattr(budget, f"{which}_steps"),
-        }
-        report = {"budget": asdict(budget), "steps": steps, "seconds": dict(timings), "adherence": scores}
+        steps = {"vae": budget.vae_steps, which: getattr(budget, f"{which}_steps")}
+        # Training seconds per phase, summed over resumed runs (the wall clock of a shared machine).
+        spent = {phase: round(ui.spent[phase], 1) for phase in ("vae", "latents", which)}
+        report = {"budget": asdict(budget), "steps": steps, "train_seconds": spent, "adherence": scores}
         save(pipe, args.out / name, report)
         ui.print(f"saved {args.out / name}")
-    ui.print(f"total: {time.perf_counter() - started:.0f} s ({json.dumps(timings)})")
+    spent = {phase: round(seconds) for phase, seconds in ui.spent.items()}
+    ui.print(f"this run: {time.perf_counter() - started:.0f} s {json.dumps(timings)}")
+    ui.print(f"training seconds per phase, all runs: {json.dumps(spent)}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,20 @@ _PAD_TOKENS = 256  # zero "T5" tokens StableDiffusion3Pipeline appends by defaul
 
 
 class Checkpoint:
-    """One phase's state in the work folder, written atomically and ignored when the budget differs."""
+    """One phase's state in the work folder, written atomically and ignored when the budget differs.
+
+    It also carries the phase's training time, so a resumed run still reports what the phase cost in all.
+    """
 
     def __init__(self, work: Path, phase: str, key: dict[str, Any], version: int):
         self.path = work / f"{phase}.pt"
         self.key = {"version": version, **key}
+        self.earlier = 0.0  # seconds spent on this phase by earlier runs
+        self.began = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.began
 
     def load(self) -> dict[str, Any] | None:
         import torch
@@ -23,14 +33,17 @@ class Checkpoint:
         if not self.path.is_file():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=False)
-        return state if state.get("key") == self.key else None
+        if state.get("key") != self.key:
+            return None
+        self.earlier, self.began = float(state.get("seconds", 0.0)), time.perf_counter()
+        return state
 
     def save(self, **state: Any) -> None:
         import torch
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".tmp")
-        torch.save({"key": self.key, **state}, partial)
+        torch.save({"key": self.key, "seconds": self.seconds, **state}, partial)
         partial.replace(self.path)
 
 
@@ -59,12 +72,16 @@ class Ema:
 
 
 class Console:
-    """A rich progress bar for the current phase, with evaluation lines printed above it."""
+    """A rich progress bar for the current phase, with evaluation lines printed above it.
+
+    `spent` collects each phase's training seconds (across resumed runs) for the report.
+    """
 
     def __init__(self) -> None:
         from rich.console import Console as RichConsole
 
         self.console = RichConsole()
+        self.spent: dict[str, float] = {}
 
     def progress(self) -> Any:
         from rich.progress import (
