@@ -173,9 +173,8 @@ def psnr(a: Any, b: Any) -> float:
 def bench_model(model_id: str, wanted: list[Variant], args: argparse.Namespace, registry: Any) -> list[dict]:
     import torch
 
-    from dgrun.models import kind_from_components
+    from dgrun.models import kind_from_components, native_size
     from dgrun.optimizer import ApplyContext, Environment
-    from dgrun.runner import native_size
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 

@@ -17,7 +17,7 @@ from dgrun import __version__
 from dgrun.distributed import Distributed, RankTerminated, merge_rank_reports, shard, verdict
 from dgrun.errors import DgrunError, RecipeError, RunError
 from dgrun.loading import LoadedRecipe
-from dgrun.models import builtin_model, kind_from_components
+from dgrun.models import kind_from_components, native_size, resolve_dtype
 from dgrun.optimizer import ApplyContext, Environment, Stage, StepResult
 from dgrun.outputs import (
     ImageJob,
@@ -40,7 +40,6 @@ from dgrun.records import (
     write_png,
 )
 
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 MEMORY_HINT = (
     "out of memory: try the memory steps (vae_slicing, vae_tiling, cpu_offload, group_offloading), "
     "a smaller batch_size, or a smaller image"
@@ -70,30 +69,6 @@ class RunObserver:
     def generation_started(self, total: int, already_done: int) -> None: ...
 
     def image_done(self, image: dict[str, Any]) -> None: ...
-
-
-def resolve_dtype(name: str, device_kind: str) -> Any:
-    """`auto` is bfloat16 on CUDA and float32 elsewhere."""
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device_kind == "cuda" else torch.float32
-    return getattr(torch, DTYPES[name])
-
-
-def native_size(pipe: Any, model_id: str) -> tuple[int, int]:
-    """The size a pipeline makes when width/height are not given."""
-    builtin = builtin_model(model_id)
-    if builtin is not None:
-        return builtin.native_size, builtin.native_size
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    sample = getattr(pipe, "default_sample_size", None)
-    if sample is None:
-        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        sample = getattr(getattr(denoiser, "config", None), "sample_size", 64)
-    if isinstance(sample, (tuple, list)):
-        sample = sample[0]
-    return int(sample) * scale, int(sample) * scale
 
 
 class Run:

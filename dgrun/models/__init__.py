@@ -123,3 +123,27 @@ def load_builtin(model_id: str, device: str, dtype: Any) -> Any:
     builder = getattr(importlib.import_module(module_name), function_name)
     pipe = builder(dtype=dtype)
     return pipe.to(device)
+
+
+def resolve_dtype(name: str, device_kind: str) -> Any:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device_kind == "cuda" else torch.float32
+    return getattr(torch, name)  # the recipe model allows only float32, float16 and bfloat16
+
+
+def native_size(pipe: Any, model_id: str) -> tuple[int, int]:
+    """The size a pipeline makes when width/height are not given."""
+    builtin = builtin_model(model_id)
+    if builtin is not None:
+        return builtin.native_size, builtin.native_size
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    sample = getattr(pipe, "default_sample_size", None)
+    if sample is None:
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        sample = getattr(getattr(denoiser, "config", None), "sample_size", 64)
+    if isinstance(sample, (tuple, list)):
+        sample = sample[0]
+    return int(sample) * scale, int(sample) * scale
