@@ -4,18 +4,22 @@ Measured in one run: every variant is a copy of the same loaded pipeline with dg
 (through the plugin registry, so plugin steps such as deepcache and cache_dit count too), run over the same
 prompts, seeds and steps. Rounds interleave the variants so machine noise hits them alike; each variant's
 time is the median over rounds of its mean seconds per image, after one untimed warm-up call (for compile,
-that call is the compilation and is reported apart). PSNR compares uint8 images with the uncached ones,
-averaged over prompts. By default the clock is this process's CPU time with one torch thread: on the
-project's shared 2-core machines, wall time with two threads swings by 3x with other processes' load, while
-single-thread CPU time moves far less (`--clock wall --threads 0` for elapsed time). "attn runs"
+that call is the compilation and is reported apart). PSNR and SSIM compare uint8 images with the uncached
+ones (mean over prompts, and the worst PSNR); on the shapes models (`dgrun:default`, `dgrun:default-dit`)
+"adh" is the share of images whose colour, shape and background the evaluator finds all right. By
+default the clock is this process's CPU time with one torch thread: on the project's shared 2-core
+machines, wall time with two threads swings by 3x with other processes' load, while single-thread CPU
+time moves far less (`--clock wall --threads 0` for elapsed time). "attn runs"
 counts how often one deep attention projection really ran per image (the last transformer block's, or the
 UNet mid block's): the cache hits, made visible.
 
     python benchmarks/caches.py                     # tiny-sd and tiny-flux, the issue's variants
-    python benchmarks/caches.py --model dgrun:default --steps 20
+    python benchmarks/caches.py --model dgrun:default --prompts 8
+    python benchmarks/caches.py --model dgrun:default-dit --prompts 8
     python benchmarks/caches.py --only first_block_cache --set first_block_cache.threshold=0.4
 
-Random-weight models say little about image quality: their PSNR only shows how far a cache strays.
+Random-weight models say little about image quality: their PSNR only shows how far a cache strays; the
+trained shapes models say whether the picture still shows what was asked.
 """
 
 from __future__ import annotations
@@ -33,13 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# In the shapes grammar, so the trained models can be scored for adherence (the first 8 are quickstart's).
 PROMPTS = [
     "a red circle on a blue background",
     "a green square on a white background",
     "a yellow triangle on a black background",
     "a blue circle on a yellow background",
     "a white square on a red background",
-    "a purple triangle on a green background",
+    "a black triangle on a green background",
+    "a green circle on a black background",
+    "a yellow square on a blue background",
 ]
 
 
@@ -162,17 +169,11 @@ def generate(pipe: Any, prompt: str, seed: int, steps: int, size: tuple[int, int
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def psnr(a: Any, b: Any) -> float:
-    import numpy as np
-
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 # ----------------------------------------------------------------------------------------------- run
 def bench_model(model_id: str, wanted: list[Variant], args: argparse.Namespace, registry: Any) -> list[dict]:
     import torch
 
+    from dgrun import metrics
     from dgrun.models import kind_from_components, native_size
     from dgrun.optimizer import ApplyContext, Environment
 
@@ -219,13 +220,20 @@ def bench_model(model_id: str, wanted: list[Variant], args: argparse.Namespace, 
         }
         if variant.pipe is not None:
             seconds = statistics.median(variant.seconds)
-            scores = [psnr(a, b) for a, b in zip(variant.images, base.images, strict=True)]
+            pairs = [
+                (metrics.as_pixels(b), metrics.as_pixels(a))
+                for a, b in zip(variant.images, base.images, strict=True)
+            ]
+            scores = [metrics.psnr(b, a) for b, a in pairs]
             runs = [r for r in variant.attention_runs if r >= 0]
+            adherence = metrics.adherence(model_id, list(zip(prompts, variant.images, strict=True)))
             row.update(
                 ms=1000 * seconds,
                 speedup=base_time / seconds,
                 psnr=statistics.mean(scores) if variant is not base else None,
                 psnr_min=min(scores) if variant is not base else None,
+                ssim=statistics.mean(metrics.ssim(b, a) for b, a in pairs) if variant is not base else None,
+                adherence=adherence["all"] if adherence and adherence.get("available") else None,
                 attn_runs=statistics.mean(runs) if runs else None,
                 warmup_s=variant.warmup_seconds,
             )
@@ -242,7 +250,15 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         f"{os.cpu_count()} CPUs, {args.threads or 'default'} torch threads, torch {_version('torch')}, "
         f"diffusers {_version('diffusers')}; ms/image = median over rounds of {args.clock} time"
     )
-    columns = ("ms/img", 7), ("speedup", 7), ("PSNR dB", 8), ("min", 6), ("attn runs", 9)
+    columns = (
+        ("ms/img", 7),
+        ("speedup", 7),
+        ("PSNR dB", 8),
+        ("min", 6),
+        ("SSIM", 6),
+        ("adh", 5),
+        ("attn runs", 9),
+    )
     header = f"{'model':<16} {'step':<18} " + " ".join(f"{name:>{width}}" for name, width in columns)
     header += "  params / note"
     print(header)
@@ -254,11 +270,13 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
             continue
         psnr_text = "—" if row["psnr"] is None else _db(row["psnr"])
         min_text = "—" if row["psnr_min"] is None else _db(row["psnr_min"])
+        ssim_text = "—" if row["ssim"] is None else f"{row['ssim']:.3f}"
+        adherence_text = "—" if row["adherence"] is None else f"{row['adherence']:.2f}"
         runs = "—" if row["attn_runs"] is None else f"{row['attn_runs']:.1f}/{args.steps}"
         params = json.dumps(row["params"], separators=(",", ":")) if row["params"] else ""
         print(
             f"{row['model']:<16} {row['step']:<18} {row['ms']:>7.1f} {row['speedup']:>6.2f}x {psnr_text:>8} "
-            f"{min_text:>6} {runs:>9}  {params} {row['note']}".rstrip()
+            f"{min_text:>6} {ssim_text:>6} {adherence_text:>5} {runs:>9}  {params} {row['note']}".rstrip()
         )
 
 

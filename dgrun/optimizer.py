@@ -39,6 +39,7 @@ TAG_CACHE = "cache"
 TAG_REWRITES_MODULES = "rewrites_modules"
 TAG_ATTENTION = "attention"
 TAG_OFFLOAD = "offload"
+TAG_PARALLEL = "parallel"  # splits each image's work over the ranks of a launch
 
 
 class StepParams(BaseModel):
@@ -96,13 +97,18 @@ class Environment:
 
 @dataclass
 class ApplyContext:
-    """What `apply` gets besides the pipeline: the environment, the model's kind and dtype."""
+    """What `apply` gets besides the pipeline: the environment, the model's kind and dtype.
+
+    `generate` is the recipe's `generate` section (steps, batch size, guidance) for steps that must size
+    themselves to the calls to come, e.g. a parallel engine's warm-up; None outside a run.
+    """
 
     env: Environment
     model_kind: ModelKind | None
     dtype: Any = None
     width: int | None = None
     height: int | None = None
+    generate: Any = None
 
 
 @dataclass

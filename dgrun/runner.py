@@ -226,7 +226,9 @@ class Run:
         env = self.plan.env
         dtype = resolve_dtype(self.recipe.model.dtype, env.device_kind)
         self.record["dtype"] = str(dtype).removeprefix("torch.")
-        ctx = ApplyContext(env=env, model_kind=self.plan.model_kind, dtype=dtype)
+        ctx = ApplyContext(
+            env=env, model_kind=self.plan.model_kind, dtype=dtype, generate=self.recipe.generate
+        )
 
         started = time.perf_counter()
         for step in self.plan.ordered():
@@ -247,12 +249,12 @@ class Run:
         self.record["timings"]["apply_seconds"] = round(time.perf_counter() - apply_started, 4)
         self.save()
 
-        # Ranks that make each image together (context_parallel) share one shard; their first rank writes.
-        group = max(
-            [getattr(s.optimizer, "ranks_per_image", 1) for s in self.plan.steps if s.status == "applied"],
-            default=1,
-        )
-        self.writes_images = self.dist.rank % group == 0
+        # Ranks that make each image together (context_parallel, xdit) share one shard; the rank that
+        # ends up holding the images (`image_rank_in_group`, the group's first unless a step says) writes.
+        applied = [s.optimizer for s in self.plan.steps if s.status == "applied"]
+        group = max([getattr(o, "ranks_per_image", 1) for o in applied], default=1)
+        writer = max([getattr(o, "image_rank_in_group", 0) for o in applied], default=0)
+        self.writes_images = self.dist.rank % group == writer
         dp_rank, dp_world = self.dist.rank // group, self.dist.world_size // group
         mine = shard(self.jobs, lambda job: job.prompt_index, dp_rank, dp_world)
         todo = [job for job in mine if job.file not in previous.done]
@@ -412,7 +414,9 @@ class Run:
         generators = [per_prompt[job.prompt_index] for job in batch]
         kwargs["generator"] = generators[0] if len(generators) == 1 else generators
         kwargs.update(gen.extra)
-        return list(self.pipe(**kwargs).images)
+        output = self.pipe(**kwargs)
+        # In a model-parallel group only the writing rank gets images back (xDiT returns None elsewhere).
+        return list(output.images) if self.writes_images else []
 
     def _generate(self, batch: list[ImageJob]) -> None:
         started = time.perf_counter()

@@ -43,6 +43,41 @@ def _generate(self, batch):
 runner.Run._generate = _generate
 main()
 """
+# A stand-in for a model-parallel engine such as xDiT: both ranks make every image together, and only the
+# group's last rank gets the images back (None elsewhere), so that rank must be the one that writes.
+GROUP_OF_TWO = """\
+import os
+from dgrun import Optimizer, hookimpl
+from dgrun.cli import main
+from dgrun.testing import registered_plugin
+
+
+class LastRankHoldsImages(Optimizer):
+    name = "group_of_two"
+    ranks_per_image = 2
+    image_rank_in_group = 1
+
+    def apply(self, pipe, ctx):
+        cls = type(pipe)
+        original = cls.__call__
+
+        def __call__(self, *args, **kwargs):
+            output = original(self, *args, **kwargs)
+            return output if os.environ["RANK"] == "1" else None
+
+        pipe.__class__ = type(cls.__name__, (cls,), {"__call__": __call__})
+        return "2 ranks per image"
+
+
+class Plugin:
+    @hookimpl
+    def dgrun_register_optimizers(self, register):
+        register(LastRankHoldsImages)
+
+
+with registered_plugin(Plugin()):
+    main()
+"""
 
 
 def _env() -> dict[str, str]:
@@ -66,6 +101,12 @@ def _torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def _hashes(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.png"))}
+
+
+def _pixels(directory: Path) -> dict[str, bytes]:
+    from PIL import Image
+
+    return {p.name: Image.open(p).tobytes() for p in sorted(directory.glob("*.png"))}
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +157,19 @@ def test_a_dead_rank_fails_the_run_and_resume_finishes_it(reference):
     record = json.loads((reference / "three" / "run.json").read_text())
     assert record["status"] == "complete" and len(record["images"]) == 4
     assert len({i["file"] for i in record["images"]}) == 4
+
+
+def test_a_model_parallel_group_writes_from_the_rank_holding_the_images(reference):
+    (reference / "group.py").write_text(GROUP_OF_TWO)
+    (reference / "g.yaml").write_text(RECIPE + "optimize: [group_of_two]\n")
+    done = _torchrun(reference, "group.py", "g.yaml", "--out", "group")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the PNGs carry their recipe, which names the extra step: compare pixels
+    assert _pixels(reference / "group") == _pixels(reference / "one")
+    record = json.loads((reference / "group" / "run.json").read_text())
+    assert record["status"] == "complete" and record["world_size"] == 2
+    assert [i["rank"] for i in record["images"]] == [1, 1, 1, 1]  # one group: every prompt, rank 1 writes
+    assert [r["images"] for r in record["ranks"]] == [0, 4]
 
 
 # ------------------------------------------------------------------------------- no launcher needed

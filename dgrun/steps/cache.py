@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import inspect
 import io
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from dgrun.optimizer import TAG_CACHE, TAG_REWRITES_MODULES, ApplyContext, ModelKind, Optimizer, StepParams
+from dgrun.steps.cache_context import add_cache_support, last_timestep, needs_cache_support
 from dgrun.steps.denoiser import denoiser_name
 
 TimestepRange = Annotated[list[int], Field(min_length=2, max_length=2)]
@@ -51,14 +53,16 @@ def _raised_in(error: BaseException, hook_module: str) -> bool:
     return False
 
 
-def _timestep_callback(pipe: Any, step: str) -> Any:
-    """`lambda: pipe.current_timestep`, after checking the pipeline keeps that attribute up to date."""
-    if not hasattr(type(pipe), "current_timestep"):
-        raise RuntimeError(
-            f"{type(pipe).__name__} does not expose `current_timestep`, which {step} needs to know where "
-            "the denoising loop is"
-        )
-    return lambda: pipe.current_timestep
+def _timestep_callback(pipe: Any, module: Any, step: str) -> Any:
+    """Where the denoising loop is: `pipe.current_timestep`, else the timestep of the model's last call."""
+    if hasattr(type(pipe), "current_timestep"):
+        return lambda: pipe.current_timestep
+    if hasattr(module, "_dgrun_last_timestep"):
+        return lambda: last_timestep(module)
+    raise RuntimeError(
+        f"{type(pipe).__name__} does not expose `current_timestep`, which {step} needs to know where "
+        "the denoising loop is"
+    )
 
 
 class DiffusersCache(Optimizer):
@@ -88,13 +92,16 @@ class DiffusersCache(Optimizer):
 
     def apply(self, pipe: Any, ctx: ApplyContext) -> str | None:
         module = getattr(pipe, denoiser_name(pipe))
-        if not hasattr(module, "enable_cache"):
-            raise RuntimeError(
-                f"{type(module).__name__} does not support diffusers' caches (no enable_cache)"
-            )
+        adapted = needs_cache_support(module)
+        if adapted:  # e.g. SD3: diffusers registers its blocks but gives the model no cache API
+            add_cache_support(module)
         module.enable_cache(self.build_config(pipe, module, ctx))
         self.module = module
-        return self.describe()
+        detail = self.describe()
+        if adapted:
+            note = f"cache context opened per {type(module).__name__} call by dgrun"
+            detail = f"{detail}; {note}" if detail else note
+        return detail
 
     def recover(self, pipe: Any, error: BaseException) -> str | None:
         if self.module is None or not _raised_in(error, self.hook_module):
@@ -124,8 +131,22 @@ class FirstBlockCache(DiffusersCache):
     hook_module = "first_block_cache"
 
     def build_config(self, pipe: Any, module: Any, ctx: ApplyContext) -> Any:
+        import torch
         from diffusers.hooks import FirstBlockCacheConfig
 
+        blocks = [
+            block
+            for name, child in module.named_children()
+            if name.endswith("blocks") and isinstance(child, torch.nn.ModuleList)
+            for block in child
+        ]
+        if blocks and getattr(blocks[-1], "context_pre_only", False):
+            # diffusers 0.42 subtracts the last block's encoder output, which such a block returns as None.
+            raise RuntimeError(
+                f"diffusers' FirstBlockCache cannot handle {type(module).__name__}: its last block "
+                f"({type(blocks[-1]).__name__}, context_pre_only) returns no encoder states; "
+                "use mag_cache, which skips on the same residual principle, or taylor_seer"
+            )
         return FirstBlockCacheConfig(threshold=self.params.threshold)
 
     def describe(self) -> str:
@@ -187,7 +208,7 @@ class PyramidAttentionBroadcast(DiffusersCache):
         for key in [k for k in values if k.endswith("_identifiers")]:
             values[key] = tuple(values[key])
         return PyramidAttentionBroadcastConfig(
-            **values, current_timestep_callback=_timestep_callback(pipe, "pab")
+            **values, current_timestep_callback=_timestep_callback(pipe, module, "pab")
         )
 
     def describe(self) -> str:
@@ -268,11 +289,17 @@ class FasterCache(DiffusersCache):
             if isinstance(value, list):
                 values[key] = tuple(value)
         weight = params.attention_weight
+        # Inputs holding [uncond, cond] batches, which FasterCache splits: diffusers' list misses SD3's
+        # pooled text embedding, batched like the rest.
+        batched = list(FasterCacheConfig._unconditional_conditional_input_kwargs_identifiers)
+        if "pooled_projections" in inspect.signature(module.forward).parameters:
+            batched.append("pooled_projections")
         return FasterCacheConfig(
             **values,
             attention_weight_callback=lambda _module: weight,
             is_guidance_distilled=distilled,
-            current_timestep_callback=_timestep_callback(pipe, "faster_cache"),
+            current_timestep_callback=_timestep_callback(pipe, module, "faster_cache"),
+            _unconditional_conditional_input_kwargs_identifiers=batched,
         )
 
     def describe(self) -> str:

@@ -22,6 +22,7 @@ from dgrun.distributed import Distributed
 from dgrun.errors import UsageError
 from dgrun.optimizer import (
     TAG_OFFLOAD,
+    TAG_PARALLEL,
     TAG_REWRITES_MODULES,
     ApplyContext,
     Environment,
@@ -29,8 +30,6 @@ from dgrun.optimizer import (
     Optimizer,
     StepParams,
 )
-
-TAG_PARALLEL = "parallel"
 
 
 class ContextParallelParams(StepParams):
