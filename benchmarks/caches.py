@@ -191,8 +191,15 @@ def bench_model(model_id: str, wanted: list[Variant], args: argparse.Namespace, 
     with torch.inference_mode():
         for variant in live:  # untimed warm-up: compilation, lazy imports, allocator
             started = time.perf_counter()  # wall clock: compilation also runs in worker processes
-            generate(variant.pipe, prompts[0], 0, args.steps, size)
+            try:
+                generate(variant.pipe, prompts[0], 0, args.steps, size)
+            except Exception as exc:  # a step that applies but fails in the call: a row, not a crash
+                variant.status = "failed"
+                variant.note = f"first call: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                variant.pipe = None
+                continue
             variant.warmup_seconds = time.perf_counter() - started
+        live = [v for v in live if v.pipe is not None]
         for round_index in range(args.rounds):
             # rotate the order each round so no variant always runs right after another
             shift = round_index % len(live)

@@ -1,4 +1,4 @@
-"""Data parallelism: real `torchrun --nproc_per_node 2` runs on CPU (gloo) against a 1-process run."""
+"""Data parallelism: real `torchrun` / `accelerate launch` 2-process runs on CPU (gloo) vs a 1-process run."""
 
 from __future__ import annotations
 
@@ -139,6 +139,25 @@ def test_two_processes_make_the_same_images_and_one_merged_record(reference):
     # only rank 0 prints: one header line and one progress bar
     assert done.stdout.count("dp →") == 1 and done.stdout.count("generating") == 1
     assert "rank 0 of 2 makes 2 of 4 images" in done.stdout
+
+
+def test_accelerate_launch_shards_the_same_way(reference):
+    # `--multi_gpu` picks accelerate's torch.distributed launcher, which runs on CPU (gloo) as well;
+    # without it, accelerate on a CPU-only machine goes through mpirun.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    done = subprocess.run(
+        [*launcher, "--main_process_port", str(_free_port()), "-m", "dgrun", "r.yaml", "--out", "acc"],
+        cwd=reference,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _hashes(reference / "acc") == _hashes(reference / "one")
+    record = json.loads((reference / "acc" / "run.json").read_text())
+    assert record["status"] == "complete" and record["world_size"] == 2
+    assert [i["rank"] for i in record["images"]] == [0, 1, 0, 1]
 
 
 def test_a_dead_rank_fails_the_run_and_resume_finishes_it(reference):
