@@ -113,3 +113,20 @@ def test_shipped_models_follow_prompts(tmp_path, model):
     assert {image.size for _, image in pairs} == {(64, 64)}
     scores = shapes.score(pairs)
     assert scores["colour"] >= 0.8 and scores["background"] >= 0.8 and scores["shape"] >= 0.65, scores
+
+
+def test_a_saved_pipeline_without_optional_components_loads_from_its_directory(tmp_path):
+    """default-dit is saved without T5 (`text_encoder_3: [null, null]`): a plain `model.id: PATH` loads it."""
+    from dgrun.testing import run_recipe_data
+
+    directory = str(WEIGHTS_DIR / "default-dit")
+    record = run_recipe_data(
+        tmp_path,
+        {
+            "model": {"id": directory},
+            "generate": {"steps": 2},
+            "prompts": ["a red circle on a blue background"],
+        },
+    )
+    assert record["status"] == "complete"
+    assert record["model"]["pipeline_class"] == "StableDiffusion3Pipeline"

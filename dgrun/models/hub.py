@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,10 @@ def load_diffusers_pipeline(
     source = str(location) if location.exists() else model.id
     if location.exists() and not (location / "model_index.json").is_file():
         raise ModelLoadError(f"model.id: {location} is a local path without a model_index.json")
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **extra}
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if location.exists():
+        kwargs.update(absent_components(location))
+    kwargs.update(extra)
     if model.revision:
         kwargs["revision"] = model.revision
     if model.variant:
@@ -42,3 +46,20 @@ def load_diffusers_pipeline(
             f"provide it ({first}). Offline, use a local directory or a built-in model ({builtins})."
         ) from exc
     return pipe.to(device)
+
+
+def absent_components(directory: Path) -> dict[str, None]:
+    """Optional components a saved pipeline lists as `[null, null]` (e.g. SD3 without T5), passed as None.
+
+    `save_pretrained` records a component that was None that way, but `from_pretrained` still asks for it
+    unless it is given explicitly.
+    """
+    try:
+        index = json.loads((directory / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {
+        name: None
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and value == [None, None]
+    }
