@@ -130,3 +130,28 @@ if pytest is not None:
 
         with stack:
             yield register
+
+
+def plan_steps(directory: Path, steps: str, env: Any, model: str = "dgrun:tiny-flux") -> Any:
+    """Plan the YAML `optimize:` list `steps` (indented entries) for `model` in `env`, loading nothing.
+
+    Raises RecipeError as `dgrun check` would; returns the Plan (each step's `reason` says why it cannot run).
+    """
+    from dgrun.loading import load_recipe
+    from dgrun.models import static_model_info
+    from dgrun.planner import make_plan
+    from dgrun.plugins import build_registry
+
+    path = Path(directory) / "plan.yaml"
+    path.write_text(f"dgrun: 1\nname: plan\nmodel: {{id: {model}}}\nprompts: [a cat]\noptimize:\n{steps}")
+    loaded = load_recipe(path)
+    kind, label = static_model_info(loaded.recipe.model.id)
+    return make_plan(
+        loaded.recipe.optimize,
+        build_registry(),
+        env,
+        loaded.source,
+        loaded.recipe.on_unavailable,
+        model_kind=kind,
+        model_label=label,
+    )

@@ -14,11 +14,8 @@ import pytest
 
 from dgrun.distributed import Distributed, launch_rank, shard, verdict
 from dgrun.errors import RecipeError, UsageError
-from dgrun.loading import load_recipe
-from dgrun.models import static_model_info
 from dgrun.optimizer import Environment
-from dgrun.planner import make_plan
-from dgrun.plugins import build_registry
+from dgrun.testing import plan_steps
 
 RECIPE = """\
 dgrun: 1
@@ -225,19 +222,7 @@ def test_single_process_needs_no_process_group():
 
 # ------------------------------------------------------------------------------- context_parallel
 def _plan(tmp_path: Path, steps: str, env: Environment, model: str = "dgrun:tiny-flux"):
-    path = tmp_path / "cp.yaml"
-    path.write_text(f"dgrun: 1\nname: cp\nmodel: {{id: {model}}}\nprompts: [a cat]\noptimize:\n{steps}")
-    loaded = load_recipe(path)
-    kind, label = static_model_info(loaded.recipe.model.id)
-    return make_plan(
-        loaded.recipe.optimize,
-        build_registry(),
-        env,
-        loaded.source,
-        loaded.recipe.on_unavailable,
-        model_kind=kind,
-        model_label=label,
-    )
+    return plan_steps(tmp_path, steps, env, model)
 
 
 CPU = Environment(device="cpu", device_kind="cpu")

@@ -25,12 +25,9 @@ from dgrun_xdit import (
 from pydantic import ValidationError
 
 from dgrun.errors import RecipeError, UsageError
-from dgrun.loading import load_recipe
-from dgrun.models import static_model_info
 from dgrun.optimizer import Environment
-from dgrun.planner import make_plan
-from dgrun.plugins import build_registry
 from dgrun.recipe import GenerateSpec
+from dgrun.testing import plan_steps
 
 CPU = Environment(device="cpu", device_kind="cpu")
 CUDA = Environment(device="cuda:0", device_kind="cuda")
@@ -39,19 +36,7 @@ LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 
 
 def _plan(tmp_path: Path, steps: str, env: Environment, model: str = "dgrun:tiny-flux"):
-    path = tmp_path / "x.yaml"
-    path.write_text(f"dgrun: 1\nname: x\nmodel: {{id: {model}}}\nprompts: [a cat]\noptimize:\n{steps}")
-    loaded = load_recipe(path)
-    kind, label = static_model_info(loaded.recipe.model.id)
-    return make_plan(
-        loaded.recipe.optimize,
-        build_registry(),
-        env,
-        loaded.source,
-        loaded.recipe.on_unavailable,
-        model_kind=kind,
-        model_label=label,
-    )
+    return plan_steps(tmp_path, steps, env, model)
 
 
 @pytest.fixture
