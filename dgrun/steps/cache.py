@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from dgrun.optimizer import TAG_CACHE, TAG_REWRITES_MODULES, ApplyContext, ModelKind, Optimizer, StepParams
-from dgrun.steps.cache_context import add_cache_support, last_timestep, needs_cache_support
+from dgrun.steps.cache_context import add_cache_support, needs_cache_support, timestep_callback
 from dgrun.steps.denoiser import denoiser_name
 
 TimestepRange = Annotated[list[int], Field(min_length=2, max_length=2)]
@@ -51,18 +51,6 @@ def _raised_in(error: BaseException, hook_module: str) -> bool:
             return True
         tb = tb.tb_next
     return False
-
-
-def _timestep_callback(pipe: Any, module: Any, step: str) -> Any:
-    """Where the denoising loop is: `pipe.current_timestep`, else the timestep of the model's last call."""
-    if hasattr(type(pipe), "current_timestep"):
-        return lambda: pipe.current_timestep
-    if hasattr(module, "_dgrun_last_timestep"):
-        return lambda: last_timestep(module)
-    raise RuntimeError(
-        f"{type(pipe).__name__} does not expose `current_timestep`, which {step} needs to know where "
-        "the denoising loop is"
-    )
 
 
 class DiffusersCache(Optimizer):
@@ -208,7 +196,7 @@ class PyramidAttentionBroadcast(DiffusersCache):
         for key in [k for k in values if k.endswith("_identifiers")]:
             values[key] = tuple(values[key])
         return PyramidAttentionBroadcastConfig(
-            **values, current_timestep_callback=_timestep_callback(pipe, module, "pab")
+            **values, current_timestep_callback=timestep_callback(pipe, module, "pab")
         )
 
     def describe(self) -> str:
@@ -298,7 +286,7 @@ class FasterCache(DiffusersCache):
             **values,
             attention_weight_callback=lambda _module: weight,
             is_guidance_distilled=distilled,
-            current_timestep_callback=_timestep_callback(pipe, module, "faster_cache"),
+            current_timestep_callback=timestep_callback(pipe, module, "faster_cache"),
             _unconditional_conditional_input_kwargs_identifiers=batched,
         )
 

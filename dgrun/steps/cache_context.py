@@ -47,6 +47,18 @@ def last_timestep(module: Any) -> float | None:
     return getattr(module, "_dgrun_last_timestep", None)
 
 
+def timestep_callback(pipe: Any, module: Any, step: str) -> Any:
+    """Where the denoising loop is: `pipe.current_timestep`, else the timestep of the model's last call."""
+    if hasattr(type(pipe), "current_timestep"):
+        return lambda: pipe.current_timestep
+    if hasattr(module, "_dgrun_last_timestep"):
+        return lambda: last_timestep(module)
+    raise RuntimeError(
+        f"{type(pipe).__name__} does not expose `current_timestep`, which {step} needs to know where "
+        "the denoising loop is"
+    )
+
+
 def _open_context(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     timestep = kwargs.get("timestep")
     if timestep is not None:
