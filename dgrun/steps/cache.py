@@ -133,7 +133,7 @@ class FirstBlockCache(DiffusersCache):
             raise RuntimeError(
                 f"diffusers' FirstBlockCache cannot handle {type(module).__name__}: its last block "
                 f"({type(blocks[-1]).__name__}, context_pre_only) returns no encoder states; "
-                "use mag_cache, which skips on the same residual principle, or taylor_seer"
+                "mag_cache (which also skips whole steps) and taylor_seer run on it"
             )
         return FirstBlockCacheConfig(threshold=self.params.threshold)
 
