@@ -22,3 +22,4 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()  # "Loading weights" on every text encoder load

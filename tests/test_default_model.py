@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dgrun.models import BUILTIN_MODELS, builtin_model, shapes
@@ -93,7 +95,10 @@ def test_training_script_runs_and_saves_loadable_pipelines(tmp_path):
         pipe = load(directory=out / name)
         image = pipe("a red circle on a blue background", num_inference_steps=2).images[0]
         assert image.size == (64, 64)
-        assert (out / name / "training.json").is_file()
+        report = json.loads((out / name / "training.json").read_text())
+        assert set(report["adherence"]) >= {"colour", "shape", "background"}
+        assert report["provenance"]["torch"].startswith(torch.__version__.split("+")[0])
+        assert report["provenance"]["threads"] >= 1 and report["provenance"]["cpu_capability"]
 
 
 @pytest.mark.parametrize("model", ["dgrun:default", "dgrun:default-dit"])
@@ -130,3 +135,18 @@ def test_a_saved_pipeline_without_optional_components_loads_from_its_directory(t
     )
     assert record["status"] == "complete"
     assert record["model"]["pipeline_class"] == "StableDiffusion3Pipeline"
+
+
+def test_loading_the_shipped_model_prints_no_library_progress_bars(tmp_path):
+    """transformers draws a "Loading weights" bar for each text encoder unless dgrun silences it."""
+    recipe = (
+        'dgrun: 1\nname: quiet\nmodel: {id: "dgrun:default"}\ngenerate: {steps: 2}\nprompts: [a red circle]\n'
+    )
+    (tmp_path / "r.yaml").write_text(recipe)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "dgrun", "r.yaml"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "outputs" / "quiet" / "run.json").is_file()
+    chatter = result.stdout + result.stderr
+    assert "Loading weights" not in chatter and "Loading pipeline components" not in chatter, chatter[-3000:]

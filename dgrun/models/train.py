@@ -8,7 +8,8 @@ Phases: VAE on freshly drawn pictures → the data set encoded once to latents �
 → SD3 transformer and its two text encoders. Every phase checkpoints into `--work`, so a rerun resumes
 where a crash stopped; every random draw comes from (seed, phase, step), so a resumed run is the same run
 (a rerun reproduced the VAE and its latents bit for bit). Steps, not minutes, set the budget: on 2 idle
-cores the whole run is estimated at ~37 min; on cores shared with other jobs it took 2 h 7 min.
+cores the whole run took 35 min (2124 s); with other jobs on the same cores it took 71 min to 2 h 7 min.
+The bits also depend on the CPU's instruction set and the thread count, so `training.json` records them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,7 +27,15 @@ import numpy as np
 
 from dgrun.models import architecture as arch
 from dgrun.models import shapes
-from dgrun.models.trainkit import Checkpoint, Console, Ema, PadBiasJointAttention, due, optimize
+from dgrun.models.trainkit import (
+    Checkpoint,
+    Console,
+    Ema,
+    PadBiasJointAttention,
+    choose_wait_policy,
+    due,
+    optimize,
+)
 
 _VERSION = 1  # bump when a change makes old checkpoints meaningless
 _PHASES = {"vae": 1, "latents": 2, "unet": 3, "dit": 4}
@@ -358,22 +365,25 @@ def save(pipe: Any, directory: Path, report: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _choose_wait_policy() -> str:
-    """Passive OpenMP waiting when other processes already keep the cores busy; must run before torch loads.
+def provenance() -> dict[str, Any]:
+    """What the weights' bits depend on besides the seed: package versions, CPU kernels, thread count.
 
-    Measured on 2 cores: with other jobs running, spin-waiting threads made training steps ~3–4× slower
-    than passive ones; on an idle machine spinning is 1.5–2× faster. The math, and so the weights, are the
-    same either way. An OMP_WAIT_POLICY set by the user is left alone.
+    Measured: 20 VAE steps give other bits with 1 thread than with 2, and other bits again when torch and
+    oneDNN are held to AVX2 on an AVX-512 machine; the OpenMP wait policy changes nothing.
     """
-    if "OMP_WAIT_POLICY" in os.environ:
-        return f"{os.environ['OMP_WAIT_POLICY']} (from the environment)"
-    if "torch" in sys.modules:
-        return "unchanged (torch already loaded)"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load < 1.0:
-        return f"default (load average {load:.1f} at start)"
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    return f"PASSIVE (load average {load:.1f} at start)"
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    found: dict[str, Any] = {}
+    for name in ("torch", "diffusers", "transformers", "numpy", "pillow"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    found["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    found["threads"] = torch.get_num_threads()
+    return found
 
 
 def _quiet_libraries() -> None:
@@ -410,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     budget = parse_steps(args.steps, replace(QUICK if args.quick else Budget(), seed=args.seed))
-    waiting = _choose_wait_policy()
+    waiting = choose_wait_policy()
     _quiet_libraries()
     ui = Console()
     ui.print(f"budget: {json.dumps(asdict(budget))}")
@@ -441,7 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         steps = {"vae": budget.vae_steps, which: getattr(budget, f"{which}_steps")}
         # Training seconds per phase, summed over resumed runs (the wall clock of a shared machine).
         spent = {phase: round(ui.spent[phase], 1) for phase in ("vae", "latents", which)}
-        report = {"budget": asdict(budget), "steps": steps, "train_seconds": spent, "adherence": scores}
+        report = {
+            "budget": asdict(budget),
+            "steps": steps,
+            "train_seconds": spent,
+            "adherence": scores,
+            "provenance": provenance(),
+        }
         save(pipe, args.out / name, report)
         ui.print(f"saved {args.out / name}")
     spent = {phase: round(seconds) for phase, seconds in ui.spent.items()}

@@ -1,9 +1,11 @@
-"""Training plumbing for `dgrun.models.train`: checkpoints, EMA, progress output, an SD3 attention trick."""
+"""Training plumbing for `dgrun.models.train`: checkpoints, EMA, progress, OpenMP waiting, SD3 attention."""
 
 from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -104,7 +106,7 @@ class Console:
         )
 
     def print(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(message, highlight=False, soft_wrap=True)  # a log file keeps whole lines
 
     def advance(self, bar: Any, task: Any, info: str) -> None:
         """Move the bar; without a terminal (a log file) also print a plain line every 100 steps."""
@@ -115,6 +117,47 @@ class Console:
             self.print(
                 f"{current.description} {current.completed:.0f}/{current.total:.0f} {elapsed:.0f} s {info}"
             )
+
+
+def busy_cores(seconds: float = 1.0) -> float | None:
+    """Cores other processes keep busy right now (this process sleeps while measuring); None off Linux.
+
+    /proc/stat over one second, not the load average: a pip install that ended a minute ago still
+    lifts the 1-minute load average above 1 on an idle machine.
+    """
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total_0, idle_0 = sample()
+        time.sleep(seconds)
+        total_1, idle_1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total_1 - total_0
+    return 0.0 if elapsed <= 0 else (1 - (idle_1 - idle_0) / elapsed) * (os.cpu_count() or 1)
+
+
+def choose_wait_policy() -> str:
+    """Passive OpenMP waiting when other processes keep the cores busy; must run before torch loads.
+
+    Measured on 2 cores: with other jobs running, spin-waiting threads made training steps ~3–4× slower
+    than passive ones; on an idle machine spinning is 1.3–1.6× faster (UNet 0.189 vs 0.302 s/step). The
+    math, and so the weights, are the same either way. An OMP_WAIT_POLICY set by the user is left alone.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return f"{os.environ['OMP_WAIT_POLICY']} (from the environment)"
+    if "torch" in sys.modules:
+        return "unchanged (torch already loaded)"
+    busy = busy_cores()
+    if busy is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if busy < 0.5:
+        return f"default: spin ({busy:.1f} cores busy with other work at start)"
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return f"PASSIVE ({busy:.1f} cores busy with other work at start)"
 
 
 def optimize(optimizer: Any, loss: Any, lr: float) -> None:
