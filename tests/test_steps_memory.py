@@ -48,12 +48,6 @@ def _generate(pipe: Any) -> np.ndarray:
     return generate_array(pipe, PROMPT, 2)
 
 
-def _fresh(kind: str) -> Any:
-    pipe = tiny_pipeline(kind)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def baseline() -> Callable[[str], np.ndarray]:
     """Images of an untouched pipeline, once per kind (steps mutate pipelines, so tests build their own)."""
@@ -61,7 +55,7 @@ def baseline() -> Callable[[str], np.ndarray]:
 
     def get(kind: str) -> np.ndarray:
         if kind not in cache:
-            cache[kind] = _generate(_fresh(kind))
+            cache[kind] = _generate(tiny_pipeline(kind))
         return cache[kind]
 
     return get
@@ -260,7 +254,7 @@ def test_cpu_offloads_target_the_runs_device() -> None:
 
 # ------------------------------------------------------------------------------------- group_offloading
 def test_group_offloading_block_level_hooks_each_block_and_keeps_the_output(baseline) -> None:
-    pipe = _fresh("unet")
+    pipe = tiny_pipeline("unet")
     detail = GroupOffloading(GroupOffloading.Params()).apply(pipe, _ctx())
 
     hooks = _hooks(pipe.unet)
@@ -276,7 +270,7 @@ def test_group_offloading_block_level_hooks_each_block_and_keeps_the_output(base
 
 
 def test_group_offloading_leaf_level_on_chosen_components(baseline) -> None:
-    pipe = _fresh("transformer")
+    pipe = tiny_pipeline("transformer")
     params = GroupOffloading.Params(offload_type="leaf_level", components=["transformer"])
     GroupOffloading(params).apply(pipe, _ctx())
 
@@ -299,13 +293,13 @@ def test_group_offloading_params_and_unknown_component() -> None:
         GroupOffloading.Params(offload_type="model_level")
     step = GroupOffloading(GroupOffloading.Params(components=["unet"]))
     with pytest.raises(RuntimeError, match="no torch-module component 'unet'"):
-        step.apply(_fresh("transformer"), _ctx())
+        step.apply(tiny_pipeline("transformer"), _ctx())
 
 
 # ------------------------------------------------------------------------------------ layerwise_casting
 @pytest.mark.parametrize("kind", ["unet", "transformer"])
 def test_layerwise_casting_stores_weights_in_fp8(kind: str, baseline) -> None:
-    pipe = _fresh(kind)
+    pipe = tiny_pipeline(kind)
     denoiser = pipe.unet if kind == "unet" else pipe.transformer
     detail = LayerwiseCasting(LayerwiseCasting.Params()).apply(pipe, _ctx())
 
@@ -321,7 +315,7 @@ def test_layerwise_casting_stores_weights_in_fp8(kind: str, baseline) -> None:
 
 
 def test_layerwise_casting_e5m2_on_a_named_component_and_the_compute_dtype_check() -> None:
-    pipe = _fresh("transformer")
+    pipe = tiny_pipeline("transformer")
     LayerwiseCasting(LayerwiseCasting.Params(storage_dtype="float8_e5m2", components=["vae"])).apply(
         pipe, _ctx()
     )
@@ -331,12 +325,12 @@ def test_layerwise_casting_e5m2_on_a_named_component_and_the_compute_dtype_check
     # Activations arrive in float32: a bfloat16 compute dtype would fail inside the first layer.
     mismatched = LayerwiseCasting(LayerwiseCasting.Params(compute_dtype="bfloat16"))
     with pytest.raises(RuntimeError, match="compute_dtype bfloat16 differs from the dtype of transformer"):
-        mismatched.apply(_fresh("transformer"), _ctx())
+        mismatched.apply(tiny_pipeline("transformer"), _ctx())
 
 
 # ---------------------------------------------------------------------------------------- channels_last
 def test_channels_last_lays_out_conv_weights_nhwc(baseline) -> None:
-    pipe = _fresh("unet")
+    pipe = tiny_pipeline("unet")
     detail = ChannelsLast(ChannelsLast.Params()).apply(pipe, _ctx())
 
     for component in (pipe.unet, pipe.vae):  # default: denoiser + VAE

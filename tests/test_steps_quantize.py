@@ -39,12 +39,6 @@ def _generate(pipe: Any) -> np.ndarray:
     return generate_array(pipe, PROMPT, 2)
 
 
-def _fresh(kind: str) -> Any:
-    pipe = tiny_pipeline(kind)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _denoiser(pipe: Any) -> Any:
     return getattr(pipe, "transformer", None) or pipe.unet
 
@@ -55,7 +49,7 @@ def baseline() -> Callable[[str], np.ndarray]:
 
     def get(kind: str) -> np.ndarray:
         if kind not in cache:
-            cache[kind] = _generate(_fresh(kind))
+            cache[kind] = _generate(tiny_pipeline(kind))
         return cache[kind]
 
     return get
@@ -68,7 +62,7 @@ def _close(pipe: Any, reference: np.ndarray) -> None:
 # ---------------------------------------------------------------------------------------------- torchao
 def test_torchao_int8_weight_only_quantizes_the_denoisers_linears(baseline) -> None:
     pytest.importorskip("torchao")
-    pipe = _fresh("unet")  # the default components (the denoiser) suit UNet pipelines as well
+    pipe = tiny_pipeline("unet")  # the default components (the denoiser) suit UNet pipelines as well
     step = Quantize(Quantize.Params())  # defaults: torchao int8_weight_only
     assert step.params.method == "int8_weight_only"
 
@@ -87,7 +81,7 @@ def test_torchao_int8_weight_only_quantizes_the_denoisers_linears(baseline) -> N
 
 def test_torchao_quantizes_a_text_encoder_too(baseline) -> None:
     pytest.importorskip("torchao")
-    pipe = _fresh("transformer")
+    pipe = tiny_pipeline("transformer")
     Quantize(Quantize.Params(components=["transformer", "text_encoder"])).apply(pipe, _ctx())
     assert quantized_layers(pipe.text_encoder)[0] > 0
     _close(pipe, baseline("transformer"))
@@ -96,7 +90,7 @@ def test_torchao_quantizes_a_text_encoder_too(baseline) -> None:
 # ----------------------------------------------------------------------------------------------- quanto
 def test_quanto_replaces_linears_and_freezes_their_weights(baseline) -> None:
     pytest.importorskip("optimum.quanto")
-    pipe = _fresh("transformer")
+    pipe = tiny_pipeline("transformer")
     Quantize(Quantize.Params(backend="quanto")).apply(pipe, _ctx())
 
     linear = pipe.transformer.transformer_blocks[0].attn.to_q
@@ -108,7 +102,7 @@ def test_quanto_replaces_linears_and_freezes_their_weights(baseline) -> None:
 
 def test_quanto_qfloat8_stores_fp8_weights() -> None:
     pytest.importorskip("optimum.quanto")
-    pipe = _fresh("transformer")
+    pipe = tiny_pipeline("transformer")
     Quantize(Quantize.Params(backend="quanto", method="qfloat8")).apply(pipe, _ctx())
     assert pipe.transformer.transformer_blocks[0].attn.to_q.weight._data.dtype == torch.float8_e4m3fn
 
@@ -116,7 +110,7 @@ def test_quanto_qfloat8_stores_fp8_weights() -> None:
 # ------------------------------------------------------------------------------------------- load time
 def test_a_local_model_is_quantized_while_it_loads(tmp_path: Path) -> None:
     pytest.importorskip("torchao")
-    _fresh("transformer").save_pretrained(tmp_path / "model")
+    tiny_pipeline("transformer").save_pretrained(tmp_path / "model")
     record = run_recipe_data(
         tmp_path,
         {
@@ -169,7 +163,7 @@ def _write_gguf(module: Any, path: Path) -> None:
 
 def test_gguf_swaps_in_the_quantized_component(tmp_path: Path, baseline) -> None:
     pytest.importorskip("gguf")
-    pipe = _fresh("transformer")
+    pipe = tiny_pipeline("transformer")
     _write_gguf(pipe.transformer, tmp_path / "transformer.gguf")
     step = Quantize(Quantize.Params(backend="gguf", checkpoint=str(tmp_path / "transformer.gguf")))
 
@@ -261,7 +255,7 @@ def test_a_run_skips_bitsandbytes_on_a_cpu_and_records_why(tmp_path: Path) -> No
 def test_bitsandbytes_on_a_model_built_in_code_is_a_clear_error() -> None:
     step = Quantize(Quantize.Params(backend="bitsandbytes"))
     with pytest.raises(RuntimeError, match="bitsandbytes quantizes while from_pretrained loads"):
-        step.apply(_fresh("transformer"), _ctx())
+        step.apply(tiny_pipeline("transformer"), _ctx())
 
 
 # ------------------------------------------------------------------------------------------------ rules
