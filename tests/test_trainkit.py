@@ -23,7 +23,7 @@ def test_busy_cores_sees_another_process_spinning():
     finally:
         spinner.kill()
         spinner.wait()
-    assert busy is not None and 0.7 <= busy <= (os.cpu_count() or 1) + 0.01
+    assert busy is not None and busy >= 0.7  # one core, give or take the sampling
 
 
 def test_wait_policy_set_by_the_user_is_kept(monkeypatch):
