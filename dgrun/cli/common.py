@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)  # a path in a message stays on one line, in a log too
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 SetOption = Annotated[
