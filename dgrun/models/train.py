@@ -36,6 +36,7 @@ from dgrun.models.trainkit import (
     due,
     optimize,
 )
+from dgrun.quiet import quiet_libraries
 
 _VERSION = 1  # bump when a change makes old checkpoints meaningless
 _PHASES = {"vae": 1, "latents": 2, "unet": 3, "dit": 4}
@@ -386,17 +387,6 @@ def provenance() -> dict[str, Any]:
     return found
 
 
-def _quiet_libraries() -> None:
-    """Library warnings about float16 casts and absent T5 slots, and their progress bars, are noise here."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def parse_steps(text: str, budget: Budget) -> Budget:
     """`vae=1200,unet=4500,dit=6000` → the budget with those step counts."""
     changes: dict[str, int] = {}
@@ -421,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     budget = parse_steps(args.steps, replace(QUICK if args.quick else Budget(), seed=args.seed))
     waiting = choose_wait_policy()
-    _quiet_libraries()
+    quiet_libraries()  # float16-cast and absent-T5 warnings, library progress bars
     ui = Console()
     ui.print(f"budget: {json.dumps(asdict(budget))}")
     ui.print(f"OpenMP wait policy: {waiting}")
