@@ -40,12 +40,12 @@ def test_wait_policy_turns_passive_when_the_cores_are_busy():
         "print('policy', os.environ.get('OMP_WAIT_POLICY'))"
     )
     env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
-    spinners = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)
-    ]
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable)]
     try:
         time.sleep(0.3)
-        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        command = [sys.executable, "-c", code]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     finally:
         for spinner in spinners:
             spinner.kill()
