@@ -22,20 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from dgrun import __version__
-from dgrun.errors import DgrunError, Problem, RecipeError, RunError, UsageError, format_location
-from dgrun.loading import LoadedRecipe, apply_variant, validate
+from dgrun.errors import DgrunError, Problem, RecipeError, RunError, UsageError
+from dgrun.gitinfo import git_state
+from dgrun.loading import LoadedRecipe
+from dgrun.lock import OutputLock
 from dgrun.metrics import PeakMemory, adherence, compare, fidelity_summary, latency_summary, lpips_status
 from dgrun.outputs import resolve_output_dir
 from dgrun.plugins import Registry
-from dgrun.recipe import expand_variants
-from dgrun.records import git_state, package_versions, read_json, write_json
+from dgrun.records import package_versions, read_json, write_json
 from dgrun.runner import Run, RunObserver, RunOptions
-from dgrun.yamlio import DataPath, SourceMap
+from dgrun.variants import BASELINE, expand_variants, member_name_problems, variant_recipe
 
 REPORT_KIND = "dgrun-bench"
 REPORT_SCHEMA = 1
 REPORT_FILE = "report.json"
-BASELINE = "baseline"
 ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 
 
@@ -78,40 +78,6 @@ def default_out(loaded: LoadedRecipe) -> Path:
     """`output.dir` of the recipe with `-bench` appended, so a bench never mixes with a run's images."""
     run_dir = resolve_output_dir(loaded.recipe, None)
     return run_dir.with_name(run_dir.name + "-bench")
-
-
-def variant_source(
-    source: SourceMap, own: dict[str, Any], index: int, sweep: dict[str, Any], overrides: dict[str, Any]
-) -> SourceMap:
-    """Positions for a variant's merged recipe: what the variant overrides points into `variants[i]`.
-
-    A swept value points at its `sweep:` key, so a bad value is reported where it was written.
-    """
-    mapped = SourceMap(dict(source.values), dict(source.keys), source.default)
-    prefix: DataPath = ("variants", index)
-    for key, value in own.items():
-        merged_by_key = isinstance(value, dict) and key in ("model", "generate")
-        for path in [(key, k) for k in value] if merged_by_key else [(key,)]:
-            origin = (*prefix, *path)
-            n = len(origin)
-            mapped.replace_subtree(
-                path,
-                SourceMap(
-                    values={(*path, *p[n:]): v for p, v in source.values.items() if p[:n] == origin},
-                    keys={(*path, *p[n:]): v for p, v in source.keys.items() if p[:n] == origin},
-                ),
-            )
-    steps = [s if isinstance(s, str) else next(iter(s)) for s in overrides.get("optimize") or []]
-    for key in sweep:
-        position = source.locate((*prefix, "sweep", key), key=True)
-        head, *rest = key.split(".")
-        path: DataPath = (
-            (head, *rest)
-            if head in ("generate", "model")
-            else ("optimize", steps.index(head), *key.split("."))
-        )
-        mapped.values[path] = mapped.keys[path] = position
-    return mapped
 
 
 class Bench:
@@ -157,29 +123,17 @@ class Bench:
         ]
         if self.recipe.optimize:
             planned.append((self.recipe.name, "recipe", {}, None, {}))
-        seen = {name: "the recipe" if role == "recipe" else "the baseline" for name, role, *_ in planned}
-        problems = []
-        for variant in expand_variants(self.recipe):
-            if variant.name in seen:
-                path = ("variants", variant.index, "name")
-                message = f"variant {variant.name!r} has the same name as {seen[variant.name]}; rename one"
-                problems.append(Problem(self.loaded.source.locate(path), format_location(path), message))
-                continue
-            seen[variant.name] = f"variants[{variant.index}]"
-            planned.append((variant.name, "variant", variant.overrides, variant.index, variant.sweep))
+        members = expand_variants(self.recipe)
+        problems = member_name_problems(self.loaded, members)
         if problems:
             raise RecipeError(problems)
+        planned.extend((m.name, "variant", m.overrides, m.index, m.sweep) for m in members)
         return planned
 
     def _entry(
         self, name: str, role: str, overrides: dict[str, Any], index: int | None, sweep: dict[str, Any]
     ) -> Entry:
-        source = self.loaded.source
-        if index is not None:
-            own = self.recipe.variants[index].overrides()
-            source = variant_source(source, own, index, sweep, overrides)
-        data = apply_variant(self.recipe.resolved(), overrides)
-        loaded = LoadedRecipe(validate(data, source), source, self.loaded.path)
+        loaded = variant_recipe(self.loaded, overrides, index, sweep)
         description = self.recipe.variants[index].description if index is not None else None
         result: dict[str, Any] = {
             "name": name,
@@ -263,21 +217,29 @@ class Bench:
 
         if not self.entries:
             self.prepare()
-        self._clear_out_dir()
-        self._start_report()
+        lock = OutputLock(self.out_dir, self.options.argv)
         try:
-            for entry in self.entries:
-                if entry.result["status"] == "pending":
-                    self._run_entry(entry)
-                self.observer.variant_done(entry.result)
-                self._save()
-        except KeyboardInterrupt:
-            self._finish("interrupted")
+            lock.acquire()
+        except OSError as exc:
+            raise UsageError(f"cannot create output directory {self.out_dir}: {exc.strerror}") from None
+        try:
+            self._clear_out_dir()
+            self._start_report()
+            try:
+                for entry in self.entries:
+                    if entry.result["status"] == "pending":
+                        self._run_entry(entry)
+                    self.observer.variant_done(entry.result)
+                    self._save()
+            except KeyboardInterrupt:
+                self._finish("interrupted")
+                write_reports(self.report, self.out_dir)
+                raise
+            failed = any(e.result["status"] not in ("complete",) for e in self.entries)
+            self._finish("failed" if failed else "complete")
             write_reports(self.report, self.out_dir)
-            raise
-        failed = any(e.result["status"] not in ("complete",) for e in self.entries)
-        self._finish("failed" if failed else "complete")
-        write_reports(self.report, self.out_dir)
+        finally:
+            lock.release()
         return self.report
 
     def _start_report(self) -> None:

@@ -56,6 +56,7 @@ class Distributed:
     timeout_s: float = DEFAULT_TIMEOUT_S
     started_group: bool = False
     _cpu_group: Any = field(default=None, repr=False)
+    _previous_sigterm: Any = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Distributed:
@@ -115,7 +116,7 @@ class Distributed:
             )
         backend_name = str(dist.get_backend())
         self._cpu_group = None if backend_name == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
 
     def close(self) -> None:
         """Leave the process group if dgrun created it."""
@@ -127,7 +128,7 @@ class Distributed:
             dist.destroy_process_group()
         self.started_group = False
         with contextlib.suppress(Exception):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, self._previous_sigterm or signal.SIG_DFL)
 
     # ---------------------------------------------------------------------------------- collectives
     def barrier(self) -> None:

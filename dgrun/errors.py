@@ -7,6 +7,7 @@ Bad input is collected as `Problem`s (all at once, each with a source position) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,10 @@ class DgrunError(Exception):
 class RecipeError(DgrunError):
     """The recipe, a flag or a path is bad input (exit code 2); carries every problem found."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], document: Any = None):
         self.problems = sorted(problems, key=lambda p: (p.position.file, p.position.line, p.position.column))
+        # (data, source map) of a recipe that failed validation, so its steps can still be checked.
+        self.document = document
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
@@ -56,6 +59,19 @@ class PluginError(DgrunError):
 
 class RunError(DgrunError):
     """A run started and failed (exit code 1); the run record is kept."""
+
+
+class OutputWriteError(RunError):
+    """An image or run.json could not be written (a full disk, an I/O error): the run fails, recorded."""
+
+    def __init__(self, file: str, directory: Any, error: OSError):
+        self.error = error
+        reason = error.strerror or type(error).__name__
+        super().__init__(f"cannot write {file} in {directory}: {reason} (errno {error.errno})")
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM: stop like Ctrl-C (record `interrupted`, keep finished images), exit 143."""
 
 
 class ModelLoadError(RunError):
@@ -84,11 +100,16 @@ _TYPE_ERRORS = (
 )
 
 
-def validation_message(item: dict) -> str:
-    """A pydantic error item as a user-facing message, saying what was given for type errors."""
+def validation_message(item: dict, echo: bool = True) -> str:
+    """A pydantic error item as a user-facing message, saying what was given for type errors.
+
+    `echo=False` names only the type: a value read from another file (a base reached through `extends`)
+    is never repeated back.
+    """
     message = str(item["msg"]).removeprefix("Value error, ")
     if item.get("type") in _TYPE_ERRORS:
         value = repr(item.get("input"))
         value = value if len(value) <= 40 else value[:37] + "..."
-        message += f" (got {type(item.get('input')).__name__} {value})"
+        given = type(item.get("input")).__name__
+        message += f" (got {given} {value})" if echo else f" (got a {given})"
     return message

@@ -15,7 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from dgrun.errors import Position, Problem, RecipeError, format_location, validation_message
-from dgrun.recipe import VARIANT_KEYS, Recipe, model_at, recipe_form
+from dgrun.gitinfo import work_tree
+from dgrun.recipe import NESTED_MODELS, Recipe, model_at, recipe_form
+from dgrun.variants import apply_variant
 from dgrun.yamlio import DataPath, Document, SourceMap, load_file, parse_scalar
 
 MAX_EXTENDS_DEPTH = 16
@@ -35,7 +37,8 @@ class LoadedRecipe:
 
 def load_recipe(path: Path, sets: list[str] = (), optimize: str | None = None) -> LoadedRecipe:
     """Load, merge, override and validate; raise RecipeError listing every problem."""
-    document = _load_with_extends(Path(path), [], str(path))
+    path = Path(path)
+    document = _load_with_extends(path, [], str(path), repository_root(path))
     data, source = document.data, document.source
     problems: list[Problem] = []
     for index, assignment in enumerate(sets):
@@ -57,8 +60,20 @@ def load_recipe(path: Path, sets: list[str] = (), optimize: str | None = None) -
     if problems:
         raise RecipeError(problems)
     data.pop("extends", None)
-    recipe = validate(data, source)
-    return LoadedRecipe(recipe, source, Path(path))
+    try:
+        recipe = validate(data, source, echo_file=str(path))
+    except RecipeError as error:
+        raise _with_value_problems(error, document.problems) from None
+    if document.problems:
+        raise RecipeError(document.problems, document=(data, source))
+    return LoadedRecipe(recipe, source, path)
+
+
+def _with_value_problems(error: RecipeError, value_problems: list[Problem]) -> RecipeError:
+    """Validation problems plus the values YAML already refused (one line per position, theirs first)."""
+    taken = {p.position for p in value_problems}
+    kept = [p for p in error.problems if p.position not in taken]
+    return RecipeError([*value_problems, *kept], document=error.document)
 
 
 def recipe_from_resolved(data: dict[str, Any], origin: str) -> Recipe:
@@ -66,7 +81,13 @@ def recipe_from_resolved(data: dict[str, Any], origin: str) -> Recipe:
     return validate(recipe_form(data), SourceMap(default=Position(origin)))
 
 
-def _load_with_extends(path: Path, chain: list[Path], display: str) -> Document:
+def repository_root(recipe: Path) -> Path:
+    """What a recipe may read through `extends`: its git work tree, else its own directory tree."""
+    directory = recipe.resolve().parent
+    return work_tree(directory) or directory
+
+
+def _load_with_extends(path: Path, chain: list[Path], display: str, root: Path) -> Document:
     document = load_file(path, display)
     data = document.data
     if data is None:
@@ -78,24 +99,41 @@ def _load_with_extends(path: Path, chain: list[Path], display: str) -> Document:
     base_name = data.get("extends")
     if base_name is None:
         return document
-    if not isinstance(base_name, str) or not base_name.strip():
-        raise RecipeError([_problem(document.source, ("extends",), "must be a relative path to a recipe")])
-    base_path = (path.parent / base_name).resolve()
-    if Path(base_name).is_absolute():
-        raise RecipeError([_problem(document.source, ("extends",), "must be relative to this file")])
+    base_path = _base_path(base_name, path, root, document.source)
     here = path.resolve()
     if base_path in (*chain, here):
         cycle = " -> ".join(p.name for p in (*chain, here, base_path))
         raise RecipeError([_problem(document.source, ("extends",), f"extends cycle: {cycle}")])
     if len(chain) >= MAX_EXTENDS_DEPTH:
         raise RecipeError([_problem(document.source, ("extends",), "extends chain is too deep")])
-    if not base_path.is_file():
-        message = f"base recipe {base_name!r} not found (looked at {base_path})"
-        raise RecipeError([_problem(document.source, ("extends",), message)])
-    base = _load_with_extends(base_path, [*chain, here], _display_path(base_path))
+    base = _load_with_extends(base_path, [*chain, here], _display_path(base_path), root)
     base.data.pop("extends", None)
     merged = _deep_merge(base.data, data, base.source, document.source, ())
-    return Document(merged, base.source)
+    return Document(merged, base.source, base.problems + document.problems)
+
+
+def _base_path(base_name: Any, path: Path, root: Path, source: SourceMap) -> Path:
+    """The base recipe `extends` names: a .yaml/.yml file inside the recipe's repository, or an error that
+    names the path and never shows what is in it."""
+
+    def refuse(message: str) -> RecipeError:
+        return RecipeError([_problem(source, ("extends",), message)])
+
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise refuse("must be a relative path to a recipe")
+    if Path(base_name).is_absolute() or base_name.startswith("~"):
+        raise refuse("must be relative to this file")
+    if Path(base_name).suffix.lower() not in (".yaml", ".yml"):
+        raise refuse(f"base recipe {base_name!r} is not a .yaml or .yml file")
+    base_path = (path.parent / base_name).resolve()
+    if root != base_path.parent and root not in base_path.parents:
+        raise refuse(
+            f"base recipe {base_name!r} ({base_path}) is outside this recipe's repository ({root}); "
+            "a recipe may extend only files of its own repository"
+        )
+    if not base_path.is_file():
+        raise refuse(f"base recipe {base_name!r} not found (looked at {base_path})")
+    return base_path
 
 
 def _display_path(path: Path) -> str:
@@ -137,9 +175,13 @@ def apply_set(data: dict, source: SourceMap, assignment: str, index: int = 0) ->
     key_path, sep, raw = assignment.partition("=")
     if not sep or not key_path.strip():
         raise RecipeError([Problem(flag, "", "expected KEY.PATH=VALUE, e.g. generate.steps=4")])
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key_path.strip().split(".")]
-    if any(p == "" for p in parts):
-        raise RecipeError([Problem(flag, "", f"bad key path {key_path!r}")])
+    raw_parts = key_path.strip().split(".")
+    if any(not re.fullmatch(r"[A-Za-z0-9_]+", p, re.ASCII) for p in raw_parts):
+        message = (
+            f"bad key path {key_path!r}: dotted names and list indexes, e.g. generate.steps or prompts.0"
+        )
+        raise RecipeError([Problem(flag, "", message)])
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in raw_parts]
     if parts[0] == "extends":
         raise RecipeError([Problem(flag, "extends", "cannot be set from the command line; edit the recipe")])
     try:
@@ -194,18 +236,24 @@ def parse_optimize_shorthand(text: str) -> list[str | dict[str, Any]]:
             key, eq, raw = assignment.partition("=")
             if not eq or not key.strip():
                 raise ValueError(f"expected key=value after {name!r}, got {assignment!r}")
+            if key.strip() in params:
+                step = next(iter(steps[-1])) if isinstance(steps[-1], dict) else name
+                raise ValueError(f"parameter {key.strip()!r} is given twice for step {step.strip()!r}")
             params[key.strip()] = parse_scalar(raw, "<--optimize>")
     return steps
 
 
-def validate(data: dict[str, Any], source: SourceMap) -> Recipe:
-    """Validate merged data, then each variant merged onto it; map pydantic errors to positions."""
+def validate(data: dict[str, Any], source: SourceMap, echo_file: str | None = None) -> Recipe:
+    """Validate merged data, then each variant merged onto it; map pydantic errors to positions.
+
+    Values are repeated in messages only when they come from `echo_file` (the recipe the user named).
+    """
     problems = _duplicate_names(data, source)
     recipe: Recipe | None = None
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
-        problems.extend(_translate(error, source, ()))
+        problems.extend(_translate(error, source, (), echo_file=echo_file, data=data))
     variants = data.get("variants")
     if recipe is not None and isinstance(variants, list):
         for index, variant in enumerate(recipe.variants):
@@ -213,11 +261,10 @@ def validate(data: dict[str, Any], source: SourceMap) -> Recipe:
             try:
                 Recipe.model_validate(merged)
             except ValidationError as error:
-                for problem in _translate(error, source, ("variants", index), variant.overrides()):
-                    if problem not in problems:
-                        problems.append(problem)
+                located = _translate(error, source, ("variants", index), variant.overrides(), echo_file)
+                problems.extend(p for p in located if p not in problems)
     if problems:
-        raise RecipeError(problems)
+        raise RecipeError(problems, document=(data, source))
     assert recipe is not None
     return recipe
 
@@ -243,22 +290,13 @@ def _duplicate_names(data: dict[str, Any], source: SourceMap) -> list[Problem]:
     return problems
 
 
-def apply_variant(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recipe data with a variant's overrides merged in (mappings merge, lists replace), no variants."""
-    merged = {k: v for k, v in data.items() if k != "variants"}
-    for key in VARIANT_KEYS:
-        if key not in overrides:
-            continue
-        value = overrides[key]
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return merged
-
-
 def _translate(
-    error: ValidationError, source: SourceMap, variant: DataPath, overrides: dict | None = None
+    error: ValidationError,
+    source: SourceMap,
+    variant: DataPath,
+    overrides: dict | None = None,
+    echo_file: str | None = None,
+    data: Any = None,
 ) -> list[Problem]:
     problems = []
     for item in error.errors(include_url=False):
@@ -278,15 +316,39 @@ def _translate(
             message = f"unknown key {loc[-1]!r}{_suggest(loc)}"
             problems.append(Problem(source.locate(loc, key=True), format_location(loc[:-1]), message))
         else:
-            message = validation_message(item)
-            problems.append(Problem(source.locate(loc), format_location(loc), message))
+            position = source.locate(loc)
+            message = _empty_section_message(loc, item, data) or validation_message(
+                item, echo=echo_file is None or position.file == echo_file
+            )
+            problems.append(Problem(position, format_location(loc), message))
     return problems
+
+
+def _empty_section_message(loc: DataPath, item: dict[str, Any], data: Any) -> str | None:
+    """`model:` with nothing indented under it: say so, and which of its keys sit at the top level."""
+    if item.get("input") is not None or loc not in (("model",), ("generate",), ("output",)):
+        return None
+    model = model_at(loc)
+    stray = [k for k in (data if isinstance(data, dict) else {}) if k in model.model_fields]
+    if stray:
+        keys = ", ".join(stray)
+        return (
+            f"is empty, and {keys} sit{'s' if len(stray) == 1 else ''} at the top level: indent "
+            f"{'it' if len(stray) == 1 else 'them'} under `{loc[0]}:`"
+        )
+    return f"is empty; give it a mapping, with its keys indented under `{loc[0]}:`"
 
 
 def _suggest(loc: DataPath) -> str:
     model = model_at(tuple(p for p in loc[:-1] if not (isinstance(p, str) and p == "params")))
     if model is None:
         return ""
+    if model is Recipe and len(loc) == 1:
+        owners = [
+            name for name, nested in NESTED_MODELS[Recipe].items() if str(loc[0]) in nested.model_fields
+        ]
+        if owners and owners[0] not in ("variants", "optimize", "prompts"):
+            return f"; it belongs under `{owners[0]}:` (indent it below `{owners[0]}:`)"
     names = [n for n in model.model_fields if n != "params"]
     close = difflib.get_close_matches(str(loc[-1]), names, n=1)
     if close:

@@ -12,9 +12,9 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ModelKind(str, Enum):
@@ -45,7 +45,13 @@ TAG_PARALLEL = "parallel"  # splits each image's work over the ranks of a launch
 class StepParams(BaseModel):
     """Base for step params: closed and strict like the rest of the recipe."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# Names of pipeline components a step works on (`unet`, `text_encoder_2`, ...): plain attribute names only,
+# checked against the model's components by the planner when they are known before loading.
+ComponentName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+ComponentNames = Annotated[list[ComponentName], Field(min_length=1, max_length=32)]
 
 
 class NoParams(StepParams):
@@ -147,6 +153,15 @@ class Optimizer:
         if cls.requires_devices and env.device_kind not in cls.requires_devices:
             wanted = " or ".join(sorted(cls.requires_devices)).upper()
             return f"needs a {wanted} device; this run uses {env.device_kind}"
+        return None
+
+    @classmethod
+    def pipeline_problem(cls, pipeline_class: str) -> str | None:
+        """Why this step cannot work on a pipeline of this class, or None.
+
+        Asked before loading when the class is known (built-in models, a local model_index.json), and again
+        with the loaded pipeline's class, so `dgrun check` refuses what `run` would fail on.
+        """
         return None
 
     def load_kwargs(self, ctx: ApplyContext) -> dict[str, Any]:

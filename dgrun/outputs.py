@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from dgrun.errors import UsageError
+from dgrun.lock import OutputLock
 from dgrun.recipe import PromptSpec, Recipe
 from dgrun.records import RECORD_FILE, read_json, sha256_file
+from dgrun.runrecord import resumable_images
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,36 @@ class Previous:
     done: dict[str, dict[str, Any]]
 
 
-def inspect_output_dir(directory: Path, recipe_sha: str, overwrite: bool, resume: bool) -> Previous:
-    """Decide whether the directory may be used; raise UsageError (exit 2) when it may not."""
+def claim_output_dir(
+    directory: Path, recipe_sha: str, overwrite: bool, resume: bool, command: list[str], images: int
+) -> tuple[OutputLock, Previous]:
+    """Lock the directory for this run, then decide what an earlier run there left.
+
+    Deciding under the lock means no other run can change the directory in between. On refusal the lock
+    is released and a directory this call created is removed again: bad input leaves nothing behind.
+    """
     if overwrite and resume:
         raise UsageError("--overwrite and --resume exclude each other")
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"output path {directory} exists and is not a directory")
+    lock = OutputLock(directory, command)
+    try:
+        try:
+            lock.acquire()
+        except OSError as exc:
+            raise UsageError(f"cannot create output directory {directory}: {exc.strerror}") from None
+        previous = inspect_output_dir(directory, recipe_sha, overwrite, resume)
+        check_writable(directory)
+        lock.remove_stale_temp_files()
+        lock.reserve_space(images)
+    except BaseException:
+        lock.release(remove_directory_if_empty=True)
+        raise
+    return lock, previous
+
+
+def inspect_output_dir(directory: Path, recipe_sha: str, overwrite: bool, resume: bool) -> Previous:
+    """Decide whether the directory may be used; raise UsageError (exit 2) when it may not."""
     record_path = directory / RECORD_FILE
     record = read_json(record_path) if record_path.exists() else None
     if directory.is_dir() and not overwrite:
@@ -107,10 +133,11 @@ def inspect_output_dir(directory: Path, recipe_sha: str, overwrite: bool, resume
         record = None
     done: dict[str, dict[str, Any]] = {}
     if resume and record is not None:
-        for image in record.get("images", []):
-            path = directory / str(image.get("file", ""))
-            if path.parent == directory and path.is_file() and sha256_file(path) == image.get("sha256"):
-                done[image["file"]] = image
+        entries = {e.get("file"): e for e in record.get("images") or [] if isinstance(e, dict)}
+        for image in resumable_images(record):
+            path = directory / image.file
+            if path.is_file() and not path.is_symlink() and sha256_file(path) == image.sha256:
+                done[image.file] = entries[image.file]
     return Previous(record, done)
 
 
@@ -129,7 +156,5 @@ def _has_visible_files(directory: Path) -> bool:
 
 
 def _remove_images(directory: Path, record: dict[str, Any]) -> None:
-    for image in record.get("images", []):
-        path = directory / str(image.get("file", ""))
-        if path.parent == directory and path.suffix == ".png":
-            path.unlink(missing_ok=True)
+    for image in resumable_images(record):
+        (directory / image.file).unlink(missing_ok=True)

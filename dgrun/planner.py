@@ -9,17 +9,22 @@ fails the run.
 from __future__ import annotations
 
 import difflib
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from dgrun.callargs import extra_problems, static_call_parameters
 from dgrun.errors import Problem, RecipeError, format_location, validation_message
-from dgrun.loading import LoadedRecipe
-from dgrun.models import static_model_info
+from dgrun.loading import LoadedRecipe, load_recipe
+from dgrun.models import local_model_problem, static_model_info, static_modules, static_pipeline_class
 from dgrun.optimizer import STAGE_ORDER, Environment, ModelKind, Optimizer, Stage, StepParams, matches
 from dgrun.plugins import OptimizerInfo, Registry
 from dgrun.recipe import StepSpec
+from dgrun.variants import ExpandedVariant, expand_variants, member_name_problems, member_recipe
 from dgrun.yamlio import DataPath, SourceMap
 
 KIND_LABELS = {ModelKind.UNET: "UNet", ModelKind.TRANSFORMER: "transformer"}
@@ -81,6 +86,7 @@ class Plan:
     env: Environment
     model_kind: ModelKind | None = None
     model_label: str = ""
+    pipeline_class: str | None = None
 
     def ordered(self) -> list[PlannedStep]:
         return sorted(self.steps, key=lambda s: (STAGE_ORDER[s.stage], s.index))
@@ -91,7 +97,7 @@ class Plan:
 
 
 def make_plan(
-    steps: list[StepSpec],
+    steps: Sequence[StepSpec | None],
     registry: Registry,
     env: Environment,
     source: SourceMap,
@@ -99,8 +105,10 @@ def make_plan(
     prefix: DataPath = ("optimize",),
     model_kind: ModelKind | None = None,
     model_label: str = "",
+    pipeline_class: str | None = None,
 ) -> Plan:
-    """Resolve and check `steps`; raise RecipeError with every problem found."""
+    """Resolve and check `steps` (None: an item already reported as malformed); raise RecipeError with every
+    problem found."""
     problems: list[Problem] = []
     planned: list[PlannedStep] = []
     first_use: dict[str, int] = {}
@@ -109,6 +117,8 @@ def make_plan(
         problems.append(Problem(source.locate(path, key=key), format_location(path), message))
 
     for index, spec in enumerate(steps):
+        if spec is None:
+            continue
         item_path = (*prefix, index)
         info = registry.get(spec.name)
         if info is None:
@@ -135,9 +145,25 @@ def make_plan(
     problems.extend(_rule_problems(planned, source, prefix))
     if model_kind is not None:
         problems.extend(kind_problems(planned, model_kind, model_label, source, prefix))
+    if pipeline_class is not None:
+        problems.extend(pipeline_problems(planned, pipeline_class, source, prefix))
     if problems:
         raise RecipeError(problems)
     return Plan(planned, env, model_kind)
+
+
+def pipeline_problems(
+    planned: list[PlannedStep], pipeline_class: str, source: SourceMap, prefix: DataPath = ("optimize",)
+) -> list[Problem]:
+    """Steps that cannot work on this pipeline class (known before loading for built-in and local models)."""
+    problems = []
+    for step in planned:
+        reason = step.info.cls.pipeline_problem(pipeline_class)
+        if reason:
+            path = (*prefix, step.index)
+            message = f"step {step.name!r} cannot run on {pipeline_class}: {reason}"
+            problems.append(Problem(source.locate(path), format_location(path), message))
+    return problems
 
 
 def kind_problems(
@@ -229,26 +255,82 @@ def _param_problem(
     loc = tuple(item["loc"])
     path = (*step_path, *loc)
     if item["type"] == "extra_forbidden":
-        fields = list(cls.Params.model_fields)
+        model = _nested_model(cls.Params, loc[:-1])
+        fields = [field.alias or name for name, field in model.model_fields.items()]
         close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
-        hint = (
-            f"; did you mean {close[0]!r}?"
-            if close
-            else (f"; allowed: {', '.join(fields)}" if fields else "; it takes no parameters")
-        )
-        return Problem(
-            source.locate(path, key=True), format_location(step_path), f"unknown parameter {loc[-1]!r}{hint}"
-        )
+        hint = getattr(model, "unknown_key_hint", None)
+        if close:
+            hint = f"did you mean {close[0]!r}?"
+        elif not hint:
+            hint = f"allowed: {', '.join(fields)}" if fields else "it takes no parameters"
+        owner = format_location((*step_path, *loc[:-1]))
+        return Problem(source.locate(path, key=True), owner, f"unknown parameter {loc[-1]!r}; {hint}")
     if item["type"] == "missing":
         return Problem(source.locate(step_path), format_location(step_path), f"missing parameter {loc[-1]!r}")
     return Problem(source.locate(path), format_location(path), validation_message(item))
 
 
+def _nested_model(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The params model that validates the mapping at `loc` inside a step's params (for suggestions)."""
+    for part in loc:
+        field = model.model_fields.get(str(part)) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None
+        )
+        if field is None:
+            return model
+        nested = [a for a in typing.get_args(field.annotation) or (field.annotation,) if _is_model(a)]
+        if not nested:
+            return model
+        model = nested[0]
+    return model
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 def plan_recipe(loaded: LoadedRecipe, registry: Registry, env: Environment) -> Plan:
-    """Plan a recipe's steps, and check every variant's: a bad variant is bad input for any command."""
+    """Plan a recipe's steps and every variant member's, as `run` and `bench` will: a bad variant (or a
+    swept value that makes a bad recipe) is bad input for any command."""
+    problems: list[Problem] = []
+    plan: Plan | None = None
+    try:
+        plan = _plan_one(loaded, registry, env)
+    except RecipeError as error:
+        problems.extend(error.problems)
+    try:
+        members = expand_variants(loaded.recipe)
+        problems.extend(p for p in member_name_problems(loaded, members) if p not in problems)
+    except ValueError:  # a sweep path the recipe's validation has already reported
+        members = []
+    for member in members:
+        owns_steps = "optimize" in loaded.recipe.variants[member.index].overrides()
+        try:
+            _plan_one(member_recipe(loaded, member), registry, env, member if owns_steps else None)
+        except RecipeError as error:
+            problems.extend(p for p in error.problems if p not in problems)
+    if problems:
+        raise RecipeError(problems)
+    assert plan is not None
+    return plan
+
+
+def _plan_one(
+    loaded: LoadedRecipe, registry: Registry, env: Environment, steps_of: ExpandedVariant | None = None
+) -> Plan:
+    """Plan one recipe (or variant member): steps, model kind and class, and `generate.extra`.
+
+    `steps_of`: the member whose variant wrote its own `optimize`, so problems are named there.
+    """
     recipe = loaded.recipe
     base_dir = loaded.path.parent
     kind, label = static_model_info(recipe.model.id, base_dir)
+    pipeline_class = static_pipeline_class(recipe.model.id, base_dir)
+    prefix: DataPath = ("optimize",)
+    source = loaded.source
+    if steps_of is not None:
+        prefix = ("variants", steps_of.index, "optimize")
+        source = _variant_step_source(loaded.source, steps_of)
     problems: list[Problem] = []
     plan: Plan | None = None
     try:
@@ -256,33 +338,120 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, env: Environment) -> P
             recipe.optimize,
             registry,
             env,
-            loaded.source,
+            source,
             recipe.on_unavailable,
+            prefix=prefix,
             model_kind=kind,
             model_label=label,
+            pipeline_class=pipeline_class,
         )
     except RecipeError as error:
         problems.extend(error.problems)
-    for index, variant in enumerate(recipe.variants):
-        if variant.optimize is None and variant.model is None:
-            continue
-        model_id = (variant.model or {}).get("id", recipe.model.id)
-        variant_kind, variant_label = static_model_info(str(model_id), base_dir)
-        try:
-            make_plan(
-                variant.optimize if variant.optimize is not None else recipe.optimize,
-                registry,
-                env,
-                loaded.source,
-                variant.on_unavailable or recipe.on_unavailable,
-                prefix=("variants", index, "optimize") if variant.optimize is not None else ("optimize",),
-                model_kind=variant_kind,
-                model_label=variant_label,
-            )
-        except RecipeError as error:
-            problems.extend(p for p in error.problems if p not in problems)
+    problems.extend(_extra_problems(recipe.generate.extra, pipeline_class, loaded.source))
+    model_problem = local_model_problem(recipe.model.id, base_dir)
+    if model_problem:
+        problems.append(loaded.problem(("model", "id"), model_problem))
+    modules = static_modules(recipe.model.id, base_dir)
+    if plan is not None and modules is not None:
+        problems.extend(component_problems(plan.steps, modules, label, source, prefix))
     if problems:
         raise RecipeError(problems)
     assert plan is not None
     plan.model_label = label
+    plan.pipeline_class = pipeline_class
     return plan
+
+
+def component_problems(
+    planned: list[PlannedStep], modules: Sequence[str], label: str, source: SourceMap, prefix: DataPath
+) -> list[Problem]:
+    """`components:` names the model does not have (known before loading: built-in and local models)."""
+    problems = []
+    for step in planned:
+        names = getattr(step.params, "components", None)
+        for position, name in enumerate(names or []):
+            if name not in modules:
+                path = (*prefix, step.index, step.name, "components", position)
+                message = f"{label or 'the model'} has no component {name!r}; it has: {', '.join(modules)}"
+                problems.append(Problem(source.locate(path), format_location(path), message))
+    return problems
+
+
+def _extra_problems(extra: Any, pipeline_class: str | None, source: SourceMap) -> list[Problem]:
+    """`generate.extra` keys dgrun refuses, or (class known) that the pipeline's `__call__` does not name."""
+    if not isinstance(extra, dict) or not extra:
+        return []
+    accepted = static_call_parameters(pipeline_class) if pipeline_class else None
+    problems = []
+    for key, message in extra_problems(extra, accepted, pipeline_class or "the pipeline").items():
+        path = ("generate", "extra", key)
+        problems.append(Problem(source.locate(path, key=True), format_location(path), message))
+    return problems
+
+
+def _variant_step_source(source: SourceMap, member: ExpandedVariant) -> SourceMap:
+    """Positions for a member whose variant has its own steps: its problems are named
+    `variants[i].optimize[j]`, and a swept parameter points at its `sweep:` key (as `variant_source`
+    maps it under `optimize`)."""
+    mapped = SourceMap(dict(source.values), dict(source.keys), source.default)
+    target: DataPath = ("variants", member.index)
+    for table in (mapped.values, mapped.keys):
+        for path, position in list(table.items()):
+            if path[:1] == ("optimize",):
+                table[(*target, *path)] = position
+    return mapped
+
+
+def load_checked(path: Any, sets: Sequence[str], optimize: str | None, registry: Registry) -> LoadedRecipe:
+    """`load_recipe`, and when the recipe is invalid, its step parameters checked too: every problem of a
+    file in one pass, instead of step errors only after the rest is fixed."""
+    try:
+        return load_recipe(path, list(sets), optimize)
+    except RecipeError as error:
+        if error.document is None:
+            raise
+        data, source = error.document
+        extra = _step_problems(data, source, registry, Path(path).parent)
+        raise RecipeError([*error.problems, *(p for p in extra if p not in error.problems)]) from None
+
+
+def _step_problems(data: Any, source: SourceMap, registry: Registry, base_dir: Path) -> list[Problem]:
+    from pydantic import TypeAdapter
+
+    from dgrun.recipe import StepItem
+
+    items = data.get("optimize") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return []
+    adapter = TypeAdapter(StepItem)
+    specs: list[StepSpec | None] = []
+    for item in items:
+        try:
+            specs.append(adapter.validate_python(item))
+        except ValidationError:
+            specs.append(None)  # reported by the recipe's own validation
+    default = data.get("on_unavailable") if data.get("on_unavailable") in ("fail", "skip") else "fail"
+    model = data.get("model")
+    model_id = model.get("id") if isinstance(model, dict) else None
+    kind, label, pipeline_class = None, "", None
+    if isinstance(model_id, str):
+        kind, label = static_model_info(model_id, base_dir)
+        pipeline_class = static_pipeline_class(model_id, base_dir)
+    try:
+        make_plan(
+            specs,
+            registry,
+            Environment.guess(),
+            source,
+            default,
+            model_kind=kind,
+            model_label=label,
+            pipeline_class=pipeline_class,
+        )
+    except RecipeError as error:
+        problems = error.problems
+    else:
+        problems = []
+    generate = data.get("generate")
+    extra = generate.get("extra") if isinstance(generate, dict) else None
+    return problems + _extra_problems(extra, pipeline_class, source)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import contextvars
 import copy
 import hashlib
-import itertools
 import json
 import re
-from dataclasses import dataclass
+import string
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -38,7 +37,7 @@ OnUnavailable = Literal["fail", "skip"]
 class Strict(BaseModel):
     """Base for every recipe model: unknown keys are errors, and `"3"` is not a number."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(Strict):
@@ -58,12 +57,40 @@ class ModelSpec(Strict):
     variant: str | None = None
     trust_remote_code: bool = Field(False, description="honoured only with the CLI flag --trust-remote-code")
 
+    @field_validator("id")
+    @classmethod
+    def _builtin_exists(cls, value: str) -> str:
+        from dgrun.models import BUILTIN_PREFIX, builtin_model, unknown_builtin_message
+
+        if value.startswith(BUILTIN_PREFIX) and builtin_model(value) is None:
+            raise ValueError(unknown_builtin_message(value))
+        return value
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline_matches_builtin(cls, value: str, info: ValidationInfo) -> str:
+        from dgrun.models import builtin_model
+
+        model_id = info.data.get("id")
+        builtin = builtin_model(model_id) if isinstance(model_id, str) else None
+        if builtin is not None and value not in ("auto", builtin.pipeline_class):
+            raise ValueError(
+                f"{value!r} does not apply to {model_id}, which is a {builtin.pipeline_class}; "
+                "remove model.pipeline (or set it to auto)"
+            )
+        return value
+
 
 class GenerateSpec(Strict):
     """Arguments of the pipeline call, and the seed schedule."""
 
     steps: int = Field(20, ge=1, le=10_000)
-    guidance_scale: float | None = Field(None, ge=0, description="null: the pipeline's own default")
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="null: the pipeline's own default; CFG scales above ~30 only add noise",
+    )
     width: int | None = Field(
         None, ge=8, le=16384, multiple_of=8, description="null: the model's native size"
     )
@@ -76,19 +103,44 @@ class GenerateSpec(Strict):
     negative_prompt: str | None = None
     warmup: int = Field(0, ge=0, le=1000, description="untimed warmup calls before the first timed image")
     extra: dict[str, Any] = Field(
-        default_factory=dict, description="extra keyword arguments to the pipeline call"
+        default_factory=dict,
+        description="extra keyword arguments to the pipeline call: named parameters of the pipeline's "
+        "__call__ that dgrun does not set itself (checked by the planner)",
     )
 
-    @field_validator("extra")
-    @classmethod
-    def _extra_keys_are_identifiers(cls, value: dict[str, Any]) -> dict[str, Any]:
-        reserved = {"prompt", "negative_prompt", "num_inference_steps", "generator", "output_type"}
-        for key in value:
-            if not key.isidentifier():
-                raise ValueError(f"{key!r} is not a keyword argument name")
-            if key in reserved:
-                raise ValueError(f"{key!r} is set by dgrun itself; use the recipe's own keys")
-        return value
+
+# Pipeline-call arguments dgrun sets itself (the recipe's own keys say them), or that break the runner.
+RESERVED_EXTRA = {
+    "prompt": "write prompts under `prompts:`",
+    "prompt_2": "dgrun passes one prompt per image",
+    "prompt_3": "dgrun passes one prompt per image",
+    "negative_prompt": "use generate.negative_prompt or a prompt's `negative`",
+    "num_inference_steps": "use generate.steps",
+    "guidance_scale": "use generate.guidance_scale",
+    "width": "use generate.width",
+    "height": "use generate.height",
+    "generator": "dgrun seeds one generator per prompt (generate.seed, a prompt's `seed`)",
+    "num_images_per_prompt": "use generate.images_per_prompt",
+    "output_type": "dgrun writes PNG images",
+    "return_dict": "dgrun reads the pipeline's output object",
+    "callback": "a recipe cannot name code",
+    "callback_steps": "a recipe cannot name code",
+    "callback_on_step_end": "a recipe cannot name code",
+    "callback_on_step_end_tensor_inputs": "a recipe cannot name code",
+}
+# Tensor or image inputs: a recipe holds plain values, which these arguments cannot take.
+TENSOR_EXTRA_SUFFIXES = ("latents", "_embeds", "image", "mask_image", "control_image")
+
+
+def extra_key_problem(key: str) -> str | None:
+    """Why `generate.extra.KEY` is refused before the pipeline is known, or None."""
+    if not key.isidentifier() or key.startswith("_"):
+        return f"{key!r} is not a pipeline argument name"
+    if key in RESERVED_EXTRA:
+        return f"{key!r} is set by dgrun itself; {RESERVED_EXTRA[key]}"
+    if key.endswith(TENSOR_EXTRA_SUFFIXES):
+        return f"{key!r} takes tensors or images, which a recipe cannot hold"
+    return None
 
 
 class PromptSpec(Strict):
@@ -163,16 +215,37 @@ class OutputSpec(Strict):
     @field_validator("dir")
     @classmethod
     def _dir_is_safe(cls, value: str) -> str:
-        if "\0" in value:
-            raise ValueError("contains a NUL character")
-        for placeholder in re.findall(r"{([^}]*)}", value):
-            if placeholder not in OUTPUT_PLACEHOLDERS:
-                raise ValueError(f"unknown placeholder {{{placeholder}}}; allowed: {{name}}, {{hash}}")
-        if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
-            raise ValueError("must be relative to the working directory; give --out for an absolute path")
-        if ".." in re.split(r"[\\/]", value):
-            raise ValueError("must not leave the working directory ('..')")
+        problem = output_dir_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
+
+
+def output_dir_problem(value: str) -> str | None:
+    """Why an `output.dir` template is unusable, or None; everything `dgrun run` would trip on later."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "contains a control character (a newline, tab or NUL)"
+    try:
+        fields = [
+            (name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value) if name is not None
+        ]
+    except ValueError as exc:
+        return f"is not a valid template ({exc}); write {{name}} or {{hash}}, and {{{{ }}}} for braces"
+    for name, spec, conversion in fields:
+        if name not in OUTPUT_PLACEHOLDERS:
+            return f"unknown placeholder {{{name}}}; allowed: {{name}}, {{hash}}"
+        if spec or conversion:
+            return f"placeholder {{{name}}} takes no format spec or conversion"
+    if "~" in value:
+        return "must not contain '~' (it is not expanded); give --out for a path in a home directory"
+    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+        return "must be relative to the working directory; give --out for another place"
+    parts = re.split(r"[\\/]", value)
+    if ".." in parts:
+        return "must not leave the working directory ('..')"
+    if any(part.lower() == ".git" for part in parts):
+        return "must not write inside a .git directory"
+    return None
 
 
 VARIANT_KEYS = ("model", "generate", "optimize", "on_unavailable")
@@ -256,10 +329,16 @@ class VariantSpec(Strict):
         return result
 
 
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"the format version is the number 1, not {str(value).lower()}")
+    return value
+
+
 class Recipe(Strict):
     """A whole recipe, after `extends` and command-line overrides have been merged in."""
 
-    dgrun: Literal[1] = Field(description="recipe format version")
+    dgrun: Annotated[Literal[1], BeforeValidator(_not_a_bool)] = Field(description="recipe format version")
     name: str = Field(pattern=NAME_PATTERN, max_length=80, description="used in output paths")
     description: str | None = None
     extends: str | None = Field(None, description="base recipe, relative to this file")
@@ -312,51 +391,6 @@ def _check_recipe_values(section: str, key: str, values: list[Any]) -> list[str]
     return problems
 
 
-@dataclass(frozen=True)
-class ExpandedVariant:
-    """One variant as `dgrun bench` runs it: a sweep is already unrolled into its members."""
-
-    name: str
-    index: int  # position in `variants:`, for error messages
-    description: str | None
-    overrides: dict[str, Any]
-    sweep: dict[str, Any]  # this member's swept values; empty for a variant without a sweep
-
-
-def _value_slug(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return re.sub(r"[^a-z0-9._]+", "-", text.lower()).strip("-") or "none"
-
-
-def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
-    for part in path[:-1]:
-        child = target.get(part)
-        target[part] = child = dict(child) if isinstance(child, dict) else {}
-        target = child
-    target[path[-1]] = value
-
-
-def _with_value(overrides: dict[str, Any], recipe: Recipe, key: str, value: Any) -> None:
-    """Set one swept value in a variant's overrides (starting from the recipe's steps or nested mapping
-    when the variant has none, since a variant's lists and nested mappings replace the recipe's)."""
-    head, *rest = key.split(".")
-    if head in ("generate", "model"):
-        section = overrides.setdefault(head, {})
-        if len(rest) > 1 and rest[0] not in section:
-            section[rest[0]] = copy.deepcopy(getattr(getattr(recipe, head), rest[0]))
-        _set_path(section, rest, value)
-        return
-    steps = overrides.setdefault("optimize", [s.as_item() for s in recipe.optimize])
-    for position, item in enumerate(steps):
-        name = item if isinstance(item, str) else next(iter(item))
-        if name == head:
-            params = {} if isinstance(item, str) else dict(item[name] or {})
-            _set_path(params, rest, value)
-            steps[position] = {name: params}
-            return
-    raise ValueError(f"sweep {key!r}: no step {head!r} to set")  # the validator has ruled this out
-
-
 def recipe_form(resolved: dict[str, Any]) -> dict[str, Any]:
     """A resolved recipe (run.json, a PNG chunk) as recipe data again: steps back to `{name: params}`.
 
@@ -372,27 +406,6 @@ def recipe_form(resolved: dict[str, Any]) -> dict[str, Any]:
                 for s in steps
             ]
     return data
-
-
-def expand_variants(recipe: Recipe) -> list[ExpandedVariant]:
-    """The recipe's variants with each sweep unrolled, in order; members are named NAME-PARAM-VALUE."""
-    expanded = []
-    for index, variant in enumerate(recipe.variants):
-        if not variant.sweep:
-            expanded.append(
-                ExpandedVariant(variant.name, index, variant.description, variant.overrides(), {})
-            )
-            continue
-        keys = list(variant.sweep)
-        for combination in itertools.product(*(variant.sweep[k] for k in keys)):
-            overrides = copy.deepcopy(variant.overrides())
-            parts = [variant.name]
-            for key, value in zip(keys, combination, strict=True):
-                _with_value(overrides, recipe, key, value)
-                parts.append(f"{key.rsplit('.', 1)[-1]}-{_value_slug(value)}")
-            sweep = dict(zip(keys, combination, strict=True))
-            expanded.append(ExpandedVariant("-".join(parts), index, variant.description, overrides, sweep))
-    return expanded
 
 
 def recipe_hash(resolved: dict[str, Any]) -> str:

@@ -10,12 +10,13 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from dgrun.safeio import read_bounded
 
 RECORD_FILE = "run.json"
 RECORD_SCHEMA = 1
@@ -87,10 +88,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
+MAX_RECORD_BYTES = 64 << 20
+MAX_PNG_BYTES = 512 << 20
+MAX_CHUNK_BYTES = 16 << 20
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A run record, or None if it is missing or unreadable (e.g. written by something else)."""
+    """A run record (a regular file of bounded size), or None if it is missing, unreadable or not JSON."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_bounded(path, MAX_RECORD_BYTES, "run record").decode("utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -110,38 +116,40 @@ def write_png(path: Path, image: Any, info: dict[str, Any]) -> str:
     return sha256_file(path)
 
 
-def read_png_metadata(path: Path) -> dict[str, Any] | None:
-    """The `dgrun` chunk of a PNG written by dgrun, or None."""
-    from PIL import Image
+class UnreadableImage(ValueError):
+    """A PNG that is not a regular file, too large, not a PNG, or with an oversized or broken text chunk."""
 
-    with Image.open(path) as image:
-        text = getattr(image, "text", {}).get(PNG_CHUNK)
+
+def read_png_metadata(path: Path) -> dict[str, Any] | None:
+    """The `dgrun` chunk of a PNG written by dgrun (None if it has none); UnreadableImage says why not.
+
+    The file is read bounded into memory first, and PIL's own limit on decompressed text chunks stays on,
+    so a crafted zTXt chunk cannot exhaust memory.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        raw = read_bounded(path, MAX_PNG_BYTES, "image")
+    except (OSError, ValueError) as exc:
+        raise UnreadableImage(getattr(exc, "strerror", None) or str(exc)) from None
+    try:
+        with Image.open(io.BytesIO(raw), formats=["PNG"]) as image:
+            text = getattr(image, "text", {}).get(PNG_CHUNK)
+    except UnidentifiedImageError:
+        raise UnreadableImage("not a PNG image") from None
+    except (ValueError, OSError, SyntaxError) as exc:  # PIL: "Decompressed Data Too Large", broken chunks
+        raise UnreadableImage(f"a PNG chunk cannot be read ({exc})") from None
     if text is None:
         return None
+    if len(text) > MAX_CHUNK_BYTES:
+        raise UnreadableImage(f"its dgrun chunk is larger than {MAX_CHUNK_BYTES} bytes")
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except ValueError:
         return None
-
-
-def git_state(path: Path) -> dict[str, Any] | None:
-    """Commit and dirtiness of the git checkout holding the recipe, so a run can be traced to history."""
-    directory = path.resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        if commit.returncode != 0:
-            return None
-        status = subprocess.run(
-            ["git", "-C", str(directory), "status", "--porcelain", "--", str(path.resolve())],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit.stdout.strip(), "recipe_modified": bool(status.stdout.strip())}
+    return data if isinstance(data, dict) else None
 
 
 def peak_memory(device_kind: str) -> dict[str, Any]:

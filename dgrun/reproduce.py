@@ -16,8 +16,9 @@ from dgrun.loading import LoadedRecipe, recipe_from_resolved
 from dgrun.metrics import compare
 from dgrun.outputs import resolve_output_dir
 from dgrun.plugins import Registry
-from dgrun.records import read_json, read_png_metadata, sha256_file
+from dgrun.records import UnreadableImage, read_json, read_png_metadata, sha256_file
 from dgrun.runner import Run, RunObserver, RunOptions
+from dgrun.runrecord import ImageChunk, RecordedRun, read_model
 from dgrun.yamlio import SourceMap
 
 PASSING = ("identical", "same pixels", "within tolerance")
@@ -82,55 +83,51 @@ class Reproduction:
 
 
 def read_origin(path: Path) -> Origin:
-    """Read a run.json or a dgrun PNG; UsageError (exit 2) if it is neither."""
+    """Read a run.json or a dgrun PNG; UsageError (exit 2) if it is neither, or malformed."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     if path.suffix.lower() == ".png":
         return _image_origin(path)
-    record = read_json(path)
-    if record is None or not isinstance(record.get("recipe"), dict) or "images" not in record:
+    data = read_json(path)
+    if data is None or "recipe" not in data or "images" not in data:
         raise UsageError(f"{path}: not a dgrun run record (run.json) or a dgrun PNG")
+    record: RecordedRun = read_model(RecordedRun, data, f"{path}: the run record")
     targets = []
-    for image in record["images"]:
-        file = str(image.get("file", ""))
-        candidate = path.parent / file
-        on_disk = candidate if candidate.parent == path.parent and candidate.is_file() else None
-        targets.append(
-            Target(image["prompt_index"], image["image_index"], file, on_disk, image.get("sha256"))
-        )
-    recipe_file = Path(record["recipe_file"]) if record.get("recipe_file") else None
+    for image in record.images:
+        candidate = path.parent / image.file
+        on_disk = candidate if candidate.is_file() and not candidate.is_symlink() else None
+        targets.append(Target(image.prompt_index, image.image_index, image.file, on_disk, image.sha256))
     return Origin(
         "run",
         path,
-        record["recipe"],
-        record.get("recipe_sha256"),
-        dict(record.get("versions") or {}),
-        record.get("device"),
-        recipe_file,
+        record.recipe,
+        record.recipe_sha256,
+        dict(record.versions),
+        record.device,
+        Path(record.recipe_file) if record.recipe_file else None,
         targets,
-        str(record.get("status", "complete")),
+        record.status,
     )
 
 
 def _image_origin(path: Path) -> Origin:
     try:
         meta = read_png_metadata(path)
-    except OSError as exc:
-        raise UsageError(f"{path}: not a readable PNG ({exc})") from None
-    if meta is None or not isinstance(meta.get("recipe"), dict):
+    except UnreadableImage as exc:
+        raise UsageError(f"{path}: not a readable dgrun PNG: {exc}") from None
+    if meta is None or "recipe" not in meta:
         raise UsageError(
             f"{path}: this PNG has no dgrun chunk; only images written by dgrun can be reproduced"
         )
-    target = Target(
-        int(meta.get("prompt_index", 0)), int(meta.get("image_index", 0)), path.name, path, sha256_file(path)
-    )
+    chunk: ImageChunk = read_model(ImageChunk, meta, f"{path}: the image's dgrun chunk")
+    target = Target(chunk.prompt_index, chunk.image_index, path.name, path, sha256_file(path))
     return Origin(
         "image",
         path,
-        meta["recipe"],
-        meta.get("recipe_sha256"),
-        dict(meta.get("versions") or {}),
+        chunk.recipe,
+        chunk.recipe_sha256,
+        dict(chunk.versions),
         None,
         None,
         [target],
@@ -166,12 +163,16 @@ def reproduce(
     origin = read_origin(path)
     display = str(origin.path)
     recipe = recipe_from_resolved(origin.recipe, f"<recipe recorded in {display}>")
-    recipe_path = origin.recipe_file if origin.recipe_file and origin.recipe_file.exists() else None
+    # Relative local model paths resolve against the recorded recipe's folder, as they did in the run.
+    # Nothing else is taken from the recorded paths: no git (record_git off), nothing run.
+    recipe_path = origin.recipe_file if origin.recipe_file and origin.recipe_file.is_file() else None
     loaded = LoadedRecipe(
         recipe, SourceMap(default=Position(display)), recipe_path or origin.path.parent / "recorded-recipe"
     )
     out_dir = new_out_dir(recipe, out)
-    options = RunOptions(out=str(out_dir), trust_remote_code=trust_remote_code, argv=list(argv or []))
+    options = RunOptions(
+        out=str(out_dir), trust_remote_code=trust_remote_code, argv=list(argv or []), record_git=False
+    )
     record = Run(loaded, registry, options, observer or RunObserver()).execute()
     result = Reproduction(origin, out_dir, record, [])
     if origin.status != "complete":

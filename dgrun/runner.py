@@ -14,26 +14,30 @@ from datetime import datetime, timezone
 from typing import Any
 
 from dgrun import __version__
+from dgrun.callargs import extra_problems, runtime_call_parameters
 from dgrun.distributed import Distributed, RankTerminated, merge_rank_reports, shard, verdict
-from dgrun.errors import DgrunError, RecipeError, RunError
+from dgrun.errors import (
+    DgrunError,
+    OutputWriteError,
+    Problem,
+    RecipeError,
+    RunError,
+    Terminated,
+    format_location,
+)
+from dgrun.generation import batches, call_kwargs
+from dgrun.gitinfo import git_state
 from dgrun.loading import LoadedRecipe
+from dgrun.lock import OutputLock, is_out_of_space
 from dgrun.models import kind_from_components, native_size, resolve_dtype
 from dgrun.optimizer import ApplyContext, Environment, Stage, StepResult
-from dgrun.outputs import (
-    ImageJob,
-    Previous,
-    check_writable,
-    image_jobs,
-    inspect_output_dir,
-    resolve_output_dir,
-)
-from dgrun.planner import Plan, PlannedStep, kind_problems, plan_recipe
+from dgrun.outputs import ImageJob, Previous, claim_output_dir, image_jobs, resolve_output_dir
+from dgrun.planner import Plan, PlannedStep, kind_problems, pipeline_problems, plan_recipe
 from dgrun.plugins import Registry
 from dgrun.quiet import quiet_libraries
 from dgrun.records import (
     RECORD_FILE,
     RECORD_SCHEMA,
-    git_state,
     package_versions,
     peak_memory,
     write_json,
@@ -55,6 +59,9 @@ class RunOptions:
     resume: bool = False
     trust_remote_code: bool = False
     argv: list[str] = field(default_factory=list)
+    # Read the recipe's git commit (from .git, never by running git): only for a recipe the user named,
+    # not for one taken from a record, whose recorded paths are untrusted.
+    record_git: bool = True
 
 
 class RunObserver:
@@ -91,6 +98,7 @@ class Run:
         self.dist = Distributed.from_env()
         self.made: list[dict[str, Any]] = []
         self.writes_images = True
+        self.lock: OutputLock | None = None
 
     # ----------------------------------------------------------------------------------------- setup
     def prepare(self) -> Previous:
@@ -103,8 +111,8 @@ class Run:
         return verdict(self.dist, self._check_output)
 
     def _check_output(self) -> Previous:
+        """Lock the output directory, then decide what an earlier run there left (rank 0 only)."""
         assert self.plan is not None
-        previous = inspect_output_dir(self.out_dir, self.sha, self.options.overwrite, self.options.resume)
         blocking = self.plan.blocking()
         if blocking:
             lines = [f"step {s.name!r} cannot run here: {s.reason}" for s in blocking]
@@ -112,7 +120,14 @@ class Run:
                 "give the step `on_unavailable: skip` (or the recipe `on_unavailable: skip`) to skip it"
             )
             raise RunError("\n".join(lines))
-        check_writable(self.out_dir)
+        self.lock, previous = claim_output_dir(
+            self.out_dir,
+            self.sha,
+            self.options.overwrite,
+            self.options.resume,
+            self.options.argv,
+            len(self.jobs),
+        )
         return previous
 
     def start_record(self) -> None:
@@ -126,7 +141,7 @@ class Run:
             "finished_at": None,
             "command": self.options.argv,
             "recipe_file": str(self.loaded.path),
-            "git": git_state(self.loaded.path),
+            "git": git_state(self.loaded.path) if self.options.record_git else None,
             "recipe": self.recipe.resolved(),
             "recipe_sha256": self.sha,
             "versions": package_versions(self.plugin_versions()),
@@ -163,17 +178,29 @@ class Run:
         }
 
     def save(self) -> None:
+        """Write run.json; on a full disk, once more with the space the lock reserved for this moment."""
         if not self.dist.is_main:
             return  # rank 0 alone writes run.json, merging the other ranks' images at the end
         if self.plan is not None:
             self.record["plan"] = [s.record() for s in self.plan.steps]
-        write_json(self.out_dir / RECORD_FILE, self.record)
+        try:
+            write_json(self.out_dir / RECORD_FILE, self.record)
+        except OSError as exc:
+            if not (is_out_of_space(exc) and self.lock is not None and self.lock.release_reserve()):
+                raise OutputWriteError(RECORD_FILE, self.out_dir, exc) from exc
+            try:
+                write_json(self.out_dir / RECORD_FILE, self.record)
+            except OSError as again:
+                raise OutputWriteError(RECORD_FILE, self.out_dir, again) from again
 
     # ------------------------------------------------------------------------------------------- run
     def execute(self) -> dict[str, Any]:
         try:
             return self._execute()
         finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
             self.dist.close()
 
     def _execute(self) -> dict[str, Any]:
@@ -185,8 +212,11 @@ class Run:
         except RankTerminated as exc:
             self._finish("failed", str(exc), gather=False)
             raise
-        except KeyboardInterrupt:
-            self._finish("interrupted", "interrupted by the user (Ctrl-C); `--resume` finishes the run")
+        except KeyboardInterrupt as exc:
+            how = (
+                "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted by the user (Ctrl-C)"
+            )
+            self._finish("interrupted", f"{how}; `--resume` finishes the run")
             raise
         except DgrunError as exc:
             self._finish("failed", str(exc))
@@ -294,12 +324,21 @@ class Run:
             pipe.set_progress_bar_config(disable=True)
         kind = kind_from_components(getattr(pipe, "components", {}))
         self.record["model"].update(kind=kind.value if kind else None, pipeline_class=type(pipe).__name__)
+        problems = []
         if kind is not None and self.plan.model_kind is None:
             self.plan.model_kind = ctx.model_kind = kind
             label = f"{model.id} ({type(pipe).__name__})"
-            problems = kind_problems(self.plan.steps, kind, label, self.loaded.source)
-            if problems:
-                raise RecipeError(problems)
+            problems.extend(kind_problems(self.plan.steps, kind, label, self.loaded.source))
+        if self.plan.pipeline_class is None:
+            problems.extend(pipeline_problems(self.plan.steps, type(pipe).__name__, self.loaded.source))
+        extra = self.recipe.generate.extra
+        for key, message in extra_problems(extra, runtime_call_parameters(pipe), type(pipe).__name__).items():
+            path = ("generate", "extra", key)
+            problems.append(
+                Problem(self.loaded.source.locate(path, key=True), format_location(path), message)
+            )
+        if problems:
+            raise RecipeError(problems)
         return pipe
 
     def _apply(self, step: PlannedStep, pipe: Any, ctx: ApplyContext) -> None:
@@ -329,10 +368,7 @@ class Run:
 
     # ------------------------------------------------------------------------------------ generation
     def _batches(self, jobs: list[ImageJob]) -> list[list[ImageJob]]:
-        """Group jobs into pipeline calls: `batch_size` prompts, each with all its images."""
-        groups = _group(jobs)
-        size = self.recipe.generate.batch_size
-        return [[job for group in groups[i : i + size] for job in group] for i in range(0, len(groups), size)]
+        return batches(jobs, self.recipe.generate.batch_size)
 
     def _call(self, batch: list[ImageJob]) -> list[Any]:
         """One pipeline call; the first one may trigger compilation, so failures there can be recovered."""
@@ -387,34 +423,8 @@ class Run:
         return recovered
 
     def _pipeline_call(self, batch: list[ImageJob]) -> list[Any]:
-        import torch
 
-        gen = self.recipe.generate
-        prompts = [jobs[0].prompt for jobs in _group(batch)]
-        kwargs: dict[str, Any] = {
-            "prompt": [p.text for p in prompts],
-            "num_inference_steps": gen.steps,
-            "num_images_per_prompt": gen.images_per_prompt,
-            "output_type": "pil",
-        }
-        negatives = [p.negative if p.negative is not None else gen.negative_prompt for p in prompts]
-        if any(n is not None for n in negatives):
-            kwargs["negative_prompt"] = [n or "" for n in negatives]
-        if gen.guidance_scale is not None:
-            kwargs["guidance_scale"] = gen.guidance_scale
-        if gen.width is not None:
-            kwargs["width"] = gen.width
-        if gen.height is not None:
-            kwargs["height"] = gen.height
-        # One CPU generator per prompt, shared by its images: draws do not depend on batching or device.
-        per_prompt: dict[int, Any] = {}
-        for job in batch:
-            if job.prompt_index not in per_prompt:
-                per_prompt[job.prompt_index] = torch.Generator("cpu").manual_seed(job.seed)
-        generators = [per_prompt[job.prompt_index] for job in batch]
-        kwargs["generator"] = generators[0] if len(generators) == 1 else generators
-        kwargs.update(gen.extra)
-        output = self.pipe(**kwargs)
+        output = self.pipe(**call_kwargs(self.recipe.generate, batch))
         # In a model-parallel group only the writing rank gets images back (xDiT returns None elsewhere).
         return list(output.images) if self.writes_images else []
 
@@ -438,7 +448,12 @@ class Run:
                 "image_index": job.image_index,
                 "versions": versions,
             }
-            digest = write_png(self.out_dir / job.file, image, info)
+            try:
+                digest = write_png(self.out_dir / job.file, image, info)
+            except OSError as exc:
+                if is_out_of_space(exc) and self.lock is not None:
+                    self.lock.release_reserve()  # so the final run.json fits
+                raise OutputWriteError(job.file, self.out_dir, exc) from exc
             entry = {
                 "file": job.file,
                 "prompt_index": job.prompt_index,
@@ -466,14 +481,6 @@ class Run:
         merged = merge_rank_reports(self.dist, mine, self.made, self.record["images"], gather)
         self.record["images"], self.record["ranks"], status, error = merged
         return status, error
-
-
-def _group(jobs: list[ImageJob]) -> list[list[ImageJob]]:
-    """Jobs grouped by prompt, in order."""
-    groups: dict[int, list[ImageJob]] = {}
-    for job in jobs:
-        groups.setdefault(job.prompt_index, []).append(job)
-    return list(groups.values())
 
 
 def run_recipe(

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from dgrun.errors import Position, Problem, RecipeError
+from dgrun.errors import format_location as _location
+from dgrun.safeio import NotRegularFile, TooLarge, read_bounded
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_NODES = 50_000
@@ -61,6 +63,19 @@ class Document:
 
     data: Any
     source: SourceMap
+    # Problems with single values (a non-finite number) that do not stop the rest being checked; the value
+    # is replaced by REJECTED, and the loader reports these with everything else it finds.
+    problems: list[Problem] = field(default_factory=list)
+
+
+class _Rejected:
+    """Stands in for a value already reported as a problem (never valid anywhere in a recipe)."""
+
+    def __repr__(self) -> str:
+        return "<rejected value>"
+
+
+REJECTED = _Rejected()
 
 
 def _position(file: str, node: Any) -> Position:
@@ -75,13 +90,12 @@ class _Builder:
         self.file = file
         self.source = SourceMap(default=Position(file))
         self.problems: list[Problem] = []
+        self.soft_problems: list[Problem] = []
         self.count = 0
         self.active: set[int] = set()
 
     def problem(self, node: Any, path: DataPath, message: str) -> None:
-        from dgrun.errors import format_location
-
-        self.problems.append(Problem(_position(self.file, node), format_location(path), message))
+        self.problems.append(Problem(_position(self.file, node), _location(path), message))
 
     def build(self, node: Any, path: DataPath) -> Any:
         from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
@@ -168,6 +182,11 @@ class _Builder:
                 return _parse_int(value)
             if kind == "float":
                 return _parse_float(value)
+        except _NonFinite:
+            self.soft_problems.append(
+                Problem(_position(self.file, node), _location(path), f"{value} is not a finite number")
+            )
+            return REJECTED
         except ValueError:
             self.problem(node, path, f"cannot read {value!r} as {kind}")
             return None
@@ -191,14 +210,16 @@ def _parse_int(text: str) -> int:
 
 
 def _parse_float(text: str) -> float:
+    """A finite float: infinities and NaN (written, or overflowing like 1e400) silently ruin a run."""
     lowered = text.lower().replace("_", "")
-    if lowered in (".inf", "+.inf"):
-        return math.inf
-    if lowered == "-.inf":
-        return -math.inf
-    if lowered == ".nan":
-        return math.nan
-    return float(lowered)
+    value = float(lowered.replace(".inf", "inf").replace(".nan", "nan"))
+    if not math.isfinite(value):
+        raise _NonFinite(text)
+    return value
+
+
+class _NonFinite(ValueError):
+    """A number YAML reads as infinity or NaN."""
 
 
 class _TooLarge(Exception):
@@ -244,22 +265,21 @@ def load_text(text: str, file: str) -> Document:
     except RecursionError:
         raise RecipeError([Problem(Position(file), "", "document is nested too deeply")]) from None
     if builder.problems:
-        raise RecipeError(builder.problems)
-    return Document(data, builder.source)
+        raise RecipeError(builder.problems + builder.soft_problems)
+    return Document(data, builder.source, builder.soft_problems)
 
 
 def load_file(path: Path, display: str | None = None) -> Document:
-    """Read and parse a YAML file, turning OS errors into a located problem."""
+    """Read and parse a YAML file (regular, bounded), turning OS errors into a located problem."""
     name = display or str(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise RecipeError([Problem(Position(name), "", f"file is larger than {MAX_FILE_BYTES} bytes")])
-        raw = path.read_bytes()
+        raw = read_bounded(Path(path), MAX_FILE_BYTES, "recipe file")
     except IsADirectoryError:
         raise RecipeError([Problem(Position(name), "", "is a directory, not a recipe file")]) from None
     except FileNotFoundError:
         raise RecipeError([Problem(Position(name), "", "no such file")]) from None
+    except (NotRegularFile, TooLarge) as exc:
+        raise RecipeError([Problem(Position(name), "", str(exc))]) from None
     except OSError as exc:
         raise RecipeError([Problem(Position(name), "", f"cannot read: {exc.strerror}")]) from None
     try:

@@ -23,8 +23,8 @@ from dgrun.cli import app
 from dgrun.errors import RecipeError, UsageError
 from dgrun.loading import load_recipe
 from dgrun.plugins import build_registry
-from dgrun.recipe import expand_variants
 from dgrun.testing import recipe_data, write_recipe
+from dgrun.variants import expand_variants
 
 pytest.importorskip("DeepCache")
 

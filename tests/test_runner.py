@@ -172,9 +172,13 @@ def _broken_backend(graph_module, example_inputs):
     raise RuntimeError("this compiler backend always fails")
 
 
-def test_compile_failure_falls_back_to_eager_with_a_record_entry(tmp_path):
+def test_compile_failure_falls_back_to_eager_with_a_record_entry(tmp_path, monkeypatch):
+    from torch._dynamo.backends import registry
+
     torch._dynamo.reset()
-    torch._dynamo.register_backend(_broken_backend, name="dgrun_test_broken")
+    # A recipe may name only known backends: make one of them fail (the recipe says `eager`).
+    registry._lazy_import()
+    monkeypatch.setitem(registry._COMPILER_FNS, "eager", _broken_backend)
     warnings = []
 
     class Collect(RunObserver):
@@ -186,7 +190,7 @@ def test_compile_failure_falls_back_to_eager_with_a_record_entry(tmp_path):
     from dgrun.runner import Run, RunOptions
     from dgrun.testing import write_recipe
 
-    data = recipe_data(optimize=[{"compile": {"backend": "dgrun_test_broken"}}], generate={"steps": 2})
+    data = recipe_data(optimize=[{"compile": {"backend": "eager"}}], generate={"steps": 2})
     path = write_recipe(tmp_path, data)
     record = Run(
         load_recipe(path), build_registry(), RunOptions(out=str(tmp_path / "o")), Collect()
@@ -196,7 +200,7 @@ def test_compile_failure_falls_back_to_eager_with_a_record_entry(tmp_path):
     assert len(warnings) == 1 and "compile" in warnings[0]
     assert len(record["images"]) == 2
 
-    data["optimize"] = [{"compile": {"backend": "dgrun_test_broken", "on_unavailable": "fail"}}]
+    data["optimize"] = [{"compile": {"backend": "eager", "on_unavailable": "fail"}}]
     path = write_recipe(tmp_path, data)
     torch._dynamo.reset()
     with pytest.raises(RunError, match="on_unavailable: fail"):

@@ -1,6 +1,7 @@
 """The `dgrun` command line (DESIGN §4).
 
-Exit codes: 0 ok · 1 a run failed · 2 bad input (recipe, flags, paths) · 130 interrupted.
+Exit codes: 0 ok · 1 a run failed · 2 bad input (recipe, flags, paths) · 130 interrupted (SIGINT) ·
+143 terminated (SIGTERM).
 torch is never imported by `--help`, `check`, `steps`, `plugins` or `schema`.
 """
 
@@ -36,10 +37,18 @@ def _root(
     """dgrun: diffusion-inference optimization as version-controlled, reproducible experiments."""
 
 
+def _terminated(signum: int, frame: object) -> None:
+    from dgrun.errors import Terminated
+
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: `dgrun RECIPE ...` is shorthand for `dgrun run RECIPE ...`."""
     # Ctrl-C must stop a run even when the launcher (a script's `&`, some CI runners) ignored SIGINT.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGTERM (a scheduler, `kill`, a container stop) ends a run like Ctrl-C: recorded, images kept.
+    signal.signal(signal.SIGTERM, _terminated)
     args = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in args if not a.startswith("-")), None)
     if first is not None and first not in COMMANDS and args and not args[0].startswith("--version"):

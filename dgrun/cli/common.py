@@ -13,9 +13,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dgrun.errors import DgrunError, RecipeError, RunError
+from dgrun.errors import DgrunError, RecipeError, RunError, Terminated
 
-EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 app = typer.Typer(
     name="dgrun",
     help="Run diffusion-inference optimization recipes. `dgrun RECIPE.yaml` = `dgrun run RECIPE.yaml`.",
@@ -74,6 +74,11 @@ def guard(debug: bool, action: Any) -> Any:
         )
     except DgrunError as exc:
         fail(EXIT_BAD_INPUT, f"error: {exc}")
+    except Terminated:
+        fail(
+            EXIT_TERMINATED,
+            "terminated (SIGTERM); finished images and run.json are kept, `--resume` continues",
+        )
     except KeyboardInterrupt:
         fail(
             EXIT_INTERRUPTED,
@@ -90,10 +95,11 @@ def guard(debug: bool, action: Any) -> Any:
         )
 
 
-def load_recipe_args(recipe: Path, sets: list[str] | None, optimize: str | None) -> Any:
-    from dgrun.loading import load_recipe
+def load_recipe_args(recipe: Path, sets: list[str] | None, optimize: str | None, registry: Any) -> Any:
+    """Load a recipe with the flags applied; on bad input every problem of the file, steps included."""
+    from dgrun.planner import load_checked
 
-    return load_recipe(recipe, sets or [], optimize)
+    return load_checked(recipe, sets or [], optimize, registry)
 
 
 def warn_broken_plugins(registry: Any) -> None:

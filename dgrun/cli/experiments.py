@@ -15,6 +15,7 @@ from rich.table import Table
 from dgrun.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_RUN_FAILED,
+    EXIT_TERMINATED,
     DebugOption,
     OptimizeOption,
     SetOption,
@@ -27,6 +28,7 @@ from dgrun.cli.common import (
     warn_broken_plugins,
     wide_console,
 )
+from dgrun.errors import Terminated
 
 TrustOption = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow model.trust_remote_code: true to take effect.")
@@ -133,9 +135,9 @@ def bench(
     """Baseline (no steps), the recipe, and every variant (sweeps expanded): speed, memory, fidelity."""
     from dgrun.plugins import build_registry
 
-    loaded = guard(debug, lambda: load_recipe_args(recipe, set_, optimize))
     registry = guard(debug, build_registry)
     warn_broken_plugins(registry)
+    loaded = guard(debug, lambda: load_recipe_args(recipe, set_, optimize, registry))
     from dgrun.bench import Bench, BenchOptions
 
     options = BenchOptions(repeats, warmup, out_dir, overwrite, trust_remote_code, argv=sys.argv[1:])
@@ -153,11 +155,12 @@ def bench(
                 finally:
                     live.refresh()  # the final statuses (e.g. "not run" after Ctrl-C)
             return report
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
             fail(
-                EXIT_INTERRUPTED,
-                "interrupted (Ctrl-C); the finished variants are in the partial report "
-                f"{runner.out_dir}/report.html",
+                EXIT_TERMINATED if terminated else EXIT_INTERRUPTED,
+                f"{'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}; the finished variants "
+                f"are in the partial report {runner.out_dir}/report.html",
             )
 
     report = guard(debug, execute)

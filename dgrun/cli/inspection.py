@@ -70,7 +70,7 @@ def check(
     problems = []
     for recipe in recipes:
         try:
-            loaded = load_recipe_args(recipe, set_, optimize)
+            loaded = load_recipe_args(recipe, set_, optimize, registry)
             print_plan(loaded, registry, explain)
         except RecipeError as exc:
             problems.extend(exc.problems)

@@ -119,9 +119,9 @@ def run(
     """Run a recipe: load the model, apply the steps in order, generate and record every image."""
     from dgrun.plugins import build_registry
 
-    loaded = guard(debug, lambda: load_recipe_args(recipe, set_, optimize))
     registry = guard(debug, build_registry)
     warn_broken_plugins(registry)
+    loaded = guard(debug, lambda: load_recipe_args(recipe, set_, optimize, registry))
     if dry_run:
         guard(debug, lambda: print_plan(loaded, registry, explain=True))
         return

@@ -26,7 +26,13 @@ class BuiltinModel:
     pipeline_class: str
     native_size: int
     description: str
+    modules: tuple[str, ...]  # its torch-module components, for the planner's `components` check
 
+
+UNET_MODULES = ("unet", "vae", "text_encoder")
+TRANSFORMER_MODULES = ("transformer", "vae", "text_encoder", "text_encoder_2")
+# model_index.json entries that are not torch modules.
+_NOT_MODULES = ("tokenizer", "scheduler", "feature_extractor", "image_processor")
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     model.name: model
@@ -38,6 +44,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "StableDiffusionPipeline",
             32,
             "random-weight Stable Diffusion pipeline (UNet), built in code; for tests",
+            UNET_MODULES,
         ),
         BuiltinModel(
             "tiny-flux",
@@ -46,6 +53,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "FluxPipeline",
             32,
             "random-weight FLUX pipeline (transformer), built in code; for tests",
+            TRANSFORMER_MODULES,
         ),
         BuiltinModel(
             "default",
@@ -55,6 +63,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             64,
             "small text-to-image model (UNet) trained by the project, shipped in the package: "
             "'a red circle on a blue background'",
+            UNET_MODULES,
         ),
         BuiltinModel(
             "default-dit",
@@ -63,6 +72,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "StableDiffusion3Pipeline",
             64,
             "the same data on a small SD3 transformer pipeline (no T5), trained and shipped likewise",
+            TRANSFORMER_MODULES,
         ),
     )
 }
@@ -96,20 +106,74 @@ def static_model_info(model_id: str, base_dir: Path | None = None) -> tuple[Mode
         return builtin.kind, f"{model_id} ({builtin.pipeline_class})"
     if model_id.startswith(BUILTIN_PREFIX):
         return None, model_id
+    components = _local_index(model_id, base_dir)
+    if components is None:
+        return None, model_id
+    label = f"{model_id} ({components.get('_class_name', 'pipeline')})"
+    return kind_from_components({k: v for k, v in components.items() if not k.startswith("_")}), label
+
+
+def static_pipeline_class(model_id: str, base_dir: Path | None = None) -> str | None:
+    """The pipeline class name, known without loading for built-in models and local directories."""
+    builtin = builtin_model(model_id)
+    if builtin is not None:
+        return builtin.pipeline_class
+    if model_id.startswith(BUILTIN_PREFIX):
+        return None
+    index = _local_index(model_id, base_dir)
+    name = index.get("_class_name") if index else None
+    return name if isinstance(name, str) and name.isidentifier() else None
+
+
+def static_modules(model_id: str, base_dir: Path | None = None) -> tuple[str, ...] | None:
+    """The torch-module components of a model, known without loading (built-in, local directory)."""
+    builtin = builtin_model(model_id)
+    if builtin is not None:
+        return builtin.modules
+    index = None if model_id.startswith(BUILTIN_PREFIX) else _local_index(model_id, base_dir)
+    if index is None:
+        return None
+    return tuple(
+        name
+        for name, value in index.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and value[:1] != [None]
+        and not any(part in name for part in _NOT_MODULES)
+    )
+
+
+def local_model_problem(model_id: str, base_dir: Path | None = None) -> str | None:
+    """Why `model.id`, written as a local path, cannot be loaded (known without loading), or None.
+
+    An id that exists on disk must be a diffusers directory; one written as a path (`./`, `../`, `/`,
+    `~`) must exist. Anything else may be a hub id, checked when it is loaded.
+    """
+    if model_id.startswith(BUILTIN_PREFIX):
+        return None
     directory = Path(model_id).expanduser()
     if not directory.is_absolute() and base_dir is not None and not directory.exists():
         directory = base_dir / directory
-    index = directory / "model_index.json"
-    if index.is_file():
-        try:
-            components = json.loads(index.read_text())
-        except (OSError, ValueError):
-            return None, model_id
-        if not isinstance(components, dict):
-            return None, model_id
-        label = f"{model_id} ({components.get('_class_name', 'pipeline')})"
-        return kind_from_components({k: v for k, v in components.items() if not k.startswith("_")}), label
-    return None, model_id
+    looks_local = model_id.startswith(("/", "./", "../", "~", ".\\", "..\\")) or model_id in (".", "..")
+    if not directory.exists():
+        return f"no such model directory: {directory}" if looks_local else None
+    if not directory.is_dir() or not (directory / "model_index.json").is_file():
+        return f"{directory} is not a diffusers model directory (it has no model_index.json)"
+    return None
+
+
+def _local_index(model_id: str, base_dir: Path | None) -> dict[str, Any] | None:
+    """A local model directory's model_index.json (bounded read), or None."""
+    from dgrun.safeio import read_bounded
+
+    directory = Path(model_id).expanduser()
+    if not directory.is_absolute() and base_dir is not None and not directory.exists():
+        directory = base_dir / directory
+    try:
+        data = json.loads(read_bounded(directory / "model_index.json", 1 << 20, "model_index.json"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def load_builtin(model_id: str, device: str, dtype: Any) -> Any:

@@ -6,7 +6,18 @@ Each module lists its optimizers in `OPTIMIZERS`; the built-in plugin registers 
 from __future__ import annotations
 
 from dgrun.optimizer import Optimizer
-from dgrun.steps import attention, cache, compile, offload, parallel, precision, quantize, runtime, vae
+from dgrun.steps import (
+    attention,
+    cache,
+    compile,
+    mag_cache,
+    offload,
+    parallel,
+    precision,
+    quantize,
+    runtime,
+    vae,
+)
 
 BUILTIN_OPTIMIZERS: tuple[type[Optimizer], ...] = (
     *runtime.OPTIMIZERS,
@@ -16,6 +27,7 @@ BUILTIN_OPTIMIZERS: tuple[type[Optimizer], ...] = (
     *vae.OPTIMIZERS,
     *attention.OPTIMIZERS,
     *cache.OPTIMIZERS,
+    *mag_cache.OPTIMIZERS,
     *parallel.OPTIMIZERS,
     *compile.OPTIMIZERS,
 )

@@ -11,6 +11,7 @@ from dgrun.optimizer import (
     TAG_ATTENTION,
     TAG_REWRITES_MODULES,
     ApplyContext,
+    ComponentNames,
     Environment,
     ModelKind,
     Optimizer,
@@ -130,7 +131,7 @@ class AttentionBackend(Optimizer):
 
 
 class XformersParams(StepParams):
-    components: list[str] | None = Field(
+    components: ComponentNames | None = Field(
         None, description="default: every component of the pipeline (diffusers' pipeline-level switch)"
     )
 
@@ -175,7 +176,7 @@ class Xformers(Optimizer):
 
 
 class FuseQkvParams(StepParams):
-    components: list[str] | None = Field(None, description="default: the denoiser")
+    components: ComponentNames | None = Field(None, description="default: the denoiser")
 
 
 class FuseQkv(Optimizer):

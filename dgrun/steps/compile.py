@@ -2,40 +2,44 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from dgrun.optimizer import TAG_REWRITES_MODULES, ApplyContext, Optimizer, StepParams
+from dgrun.optimizer import TAG_REWRITES_MODULES, ApplyContext, ComponentNames, Optimizer, StepParams
 from dgrun.steps.denoiser import components
+from dgrun.steps.inductor_flags import InductorFlags
+
+Backend = Literal["inductor", "aot_eager", "aot_eager_decomp_partition", "eager", "cudagraphs"]
 
 
 class CompileParams(StepParams):
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     fullgraph: bool = False
     dynamic: bool | None = None
-    components: list[str] | None = Field(None, description="default: the denoiser (unet or transformer)")
+    components: ComponentNames | None = Field(None, description="default: the denoiser (unet or transformer)")
     regional: bool = Field(False, description="compile only the repeated blocks (faster compile, same speed)")
     vae_decode: bool = Field(False, description="also compile the VAE decoder")
-    backend: str = Field(
-        "inductor", min_length=1, description="torch.compile backend (inductor, aot_eager, ...)"
+    backend: Backend = Field(
+        "inductor",
+        description="torch.compile backend: inductor, or a debugging backend (aot_eager, eager, ...); "
+        "backends that run outside compilers are not accepted from a recipe",
     )
-    inductor: dict[str, bool | int | float | str] | None = Field(
+    inductor: InductorFlags | None = Field(
         None,
-        description="torch._inductor.config flags for this compile only, e.g. "
+        description="torch._inductor.config performance knobs for this compile only, e.g. "
         "{coordinate_descent_tuning: true, epilogue_fusion: false, triton.cudagraphs: false}",
     )
 
     @model_validator(mode="after")
     def _inductor_needs_inductor(self) -> CompileParams:
-        if self.inductor and self.backend != "inductor":
+        if self.inductor and self.inductor.options() and self.backend != "inductor":
             raise ValueError(f"inductor flags need backend: inductor (backend is {self.backend!r})")
         return self
 
 
-def inductor_options(mode: str, flags: dict[str, Any]) -> dict[str, Any]:
-    """The mode's inductor options plus `flags`, checked against torch._inductor.config.
+def inductor_options(mode: str, flags: InductorFlags) -> dict[str, Any]:
+    """The mode's inductor options plus `flags`, checked against the installed torch._inductor.config.
 
     torch.compile takes `mode` or `options`, not both, so the mode is spelled out as its options; passed as
     `options`, the flags patch inductor's config only while this compile runs, never process-wide.
@@ -43,32 +47,20 @@ def inductor_options(mode: str, flags: dict[str, Any]) -> dict[str, Any]:
     from torch._inductor import config, list_mode_options
 
     known = config.get_config_copy()
-    problems = []
-    for name, value in flags.items():
-        if name not in known:
-            close = difflib.get_close_matches(name, list(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"{name!r} is not a torch._inductor.config flag{hint}")
-            continue
-        problem = _type_problem(name, known[name], value)
-        if problem:
-            problems.append(problem)
-    if problems:
-        raise ValueError("bad inductor flags: " + "; ".join(problems))
-    return {**list_mode_options(mode), **flags}
+    chosen = flags.options()
+    missing = [name for name in chosen if name not in known]
+    if missing:
+        raise ValueError(
+            f"this torch ({_torch_version()}) has no inductor flag {', '.join(map(repr, missing))}; "
+            "remove it from the recipe"
+        )
+    return {**list_mode_options(mode), **chosen}
 
 
-def _type_problem(name: str, default: Any, value: Any) -> str | None:
-    """A flag's value must have its default's type (ints pass for floats); other defaults are torch's job."""
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, (int, float)):
-        ok = isinstance(value, (int, type(default))) and not isinstance(value, bool)
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    else:
-        return None
-    return None if ok else f"{name!r} must be {type(default).__name__}, not {value!r}"
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
 
 
 class Compile(Optimizer):
@@ -91,7 +83,7 @@ class Compile(Optimizer):
     def _options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"fullgraph": self.params.fullgraph, "dynamic": self.params.dynamic}
         options["backend"] = self.params.backend
-        if self.params.inductor:
+        if self.params.inductor and self.params.inductor.options():
             options["options"] = inductor_options(self.params.mode, self.params.inductor)
         elif self.params.backend == "inductor":
             options["mode"] = self.params.mode
@@ -128,8 +120,9 @@ class Compile(Optimizer):
         detail = f"{', '.join(names)} with {self.params.backend}"
         if self.params.backend == "inductor":
             detail += f" {self.params.mode}"
-        if self.params.inductor:
-            detail += " + " + ", ".join(f"{k}={v}" for k, v in self.params.inductor.items())
+        flags = self.params.inductor.options() if self.params.inductor else {}
+        if flags:
+            detail += " + " + ", ".join(f"{k}={v}" for k, v in flags.items())
         return detail
 
     def recover(self, pipe: Any, error: BaseException) -> str | None:

@@ -25,6 +25,7 @@ from dgrun.optimizer import (
     TAG_OFFLOAD,
     TAG_REWRITES_MODULES,
     ApplyContext,
+    ComponentNames,
     Environment,
     NoParams,
     Optimizer,
@@ -92,7 +93,7 @@ class GroupOffloadingParams(StepParams):
     use_stream: bool = Field(
         False, description="prefetch the next group on a CUDA stream while the current one computes"
     )
-    components: list[str] | None = Field(None, description="default: every torch-module component")
+    components: ComponentNames | None = Field(None, description="default: every torch-module component")
 
 
 class GroupOffloading(Optimizer):

@@ -25,6 +25,7 @@ from dgrun.optimizer import (
     TAG_PARALLEL,
     TAG_REWRITES_MODULES,
     ApplyContext,
+    ComponentNames,
     Environment,
     ModelKind,
     Optimizer,
@@ -35,7 +36,7 @@ from dgrun.optimizer import (
 class ContextParallelParams(StepParams):
     ulysses_degree: int = Field(1, ge=1)
     ring_degree: int = Field(1, ge=1)
-    components: list[str] | None = None
+    components: ComponentNames | None = None
 
     @model_validator(mode="after")
     def _at_least_two(self) -> ContextParallelParams:

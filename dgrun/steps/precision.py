@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from dgrun.optimizer import TAG_REWRITES_MODULES, ApplyContext, Optimizer, StepParams
+from dgrun.optimizer import TAG_REWRITES_MODULES, ApplyContext, ComponentNames, Optimizer, StepParams
 from dgrun.steps.denoiser import components, denoiser_name
 
 DTYPE_NAMES = Literal["float32", "float16", "bfloat16"]
@@ -19,7 +19,7 @@ class LayerwiseCastingParams(StepParams):
     compute_dtype: DTYPE_NAMES | None = Field(
         None, description="dtype each layer computes in (null: the model's dtype, which it must match)"
     )
-    components: list[str] | None = Field(None, description="default: the denoiser")
+    components: ComponentNames | None = Field(None, description="default: the denoiser")
 
 
 class LayerwiseCasting(Optimizer):
@@ -67,7 +67,7 @@ class LayerwiseCasting(Optimizer):
 
 
 class ChannelsLastParams(StepParams):
-    components: list[str] | None = Field(None, description="default: the denoiser and the VAE")
+    components: ComponentNames | None = Field(None, description="default: the denoiser and the VAE")
 
 
 class ChannelsLast(Optimizer):

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from dgrun.optimizer import (
     TAG_REWRITES_MODULES,
     ApplyContext,
+    ComponentNames,
     Environment,
     ModelKind,
     Optimizer,
@@ -73,7 +74,7 @@ class QuantizeParams(StepParams):
         "float8_weight_only, ...; quanto: qint8 (default), qfloat8, qint4, qint2; "
         "bitsandbytes: nf4 (default), fp4, int8; gguf: none (the file says)",
     )
-    components: list[str] | None = Field(None, description="default: the denoiser (unet or transformer)")
+    components: ComponentNames | None = Field(None, description="default: the denoiser (unet or transformer)")
     checkpoint: str | None = Field(
         None, min_length=1, description="gguf only: path or URL of the .gguf file of the component"
     )
@@ -85,6 +86,10 @@ class QuantizeParams(StepParams):
                 raise ValueError("gguf takes no method: the quantization type is stored in the file")
             if self.checkpoint is None:
                 raise ValueError("gguf needs `checkpoint`: the .gguf file of the component")
+            if not self.checkpoint.lower().endswith(".gguf") or any(ord(c) < 32 for c in self.checkpoint):
+                raise ValueError("`checkpoint` must name a .gguf file (a local path or an https URL)")
+            if "://" in self.checkpoint and not self.checkpoint.startswith("https://"):
+                raise ValueError("`checkpoint` URLs must be https://")
             if self.components is not None and len(self.components) != 1:
                 raise ValueError("gguf loads one component from its checkpoint: give one name in components")
             return self
