@@ -13,12 +13,19 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "hookimpl": "dgrun.hookspecs",
+    "DgrunError": "dgrun.errors",
+    "PluginError": "dgrun.errors",
+    "RecipeError": "dgrun.errors",
+    "RunError": "dgrun.errors",
+    "UsageError": "dgrun.errors",
     "ApplyContext": "dgrun.optimizer",
     "Environment": "dgrun.optimizer",
     "ModelKind": "dgrun.optimizer",
     "NoParams": "dgrun.optimizer",
     "Optimizer": "dgrun.optimizer",
+    "PlanView": "dgrun.optimizer",
     "Stage": "dgrun.optimizer",
+    "StepEffect": "dgrun.optimizer",
     "StepParams": "dgrun.optimizer",
     "StepResult": "dgrun.optimizer",
 }

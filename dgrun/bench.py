@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +34,6 @@ from dgrun.variants import BASELINE, expand_variants, member_name_problems, vari
 REPORT_KIND = "dgrun-bench"
 REPORT_SCHEMA = 1
 REPORT_FILE = "report.json"
-ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 
 
 @dataclass
@@ -49,6 +46,7 @@ class BenchOptions:
     overwrite: bool = False
     trust_remote_code: bool = False
     argv: list[str] = field(default_factory=list)
+    wait_policy: str | None = None
 
 
 class BenchObserver(RunObserver):
@@ -105,7 +103,6 @@ class Bench:
 
         if self.options.repeats < 1 or self.options.warmup < 0:
             raise UsageError("--repeats must be at least 1 and --warmup at least 0")
-        self.registry.check_consistent()
         plan_recipe(self.loaded, self.registry, Environment.guess(self.recipe.model.device))
         self._check_out_dir()
         problems: list[Problem] = []
@@ -161,6 +158,7 @@ class Bench:
             overwrite=True,
             trust_remote_code=self.options.trust_remote_code,
             argv=self.options.argv,
+            wait_policy=self.options.wait_policy,
         )
         entry = Entry(name, role, loaded, result)
         entry.run = Run(loaded, self.registry, options, self.observer)
@@ -181,7 +179,7 @@ class Bench:
         plan = plan_recipe(entry.loaded, self.registry, self.environments[device])
         entry.device_kind = plan.env.device_kind
         entry.result["device"] = plan.env.device
-        entry.result["plan"] = [s.record() for s in plan.steps]
+        entry.result["plan"] = [s.record().model_dump(mode="json") for s in plan.steps]
         blocking = plan.blocking()
         if blocking:
             raise RunError("; ".join(f"step {s.name!r} cannot run here: {s.reason}" for s in blocking))
@@ -224,7 +222,7 @@ class Bench:
             raise UsageError(f"cannot create output directory {self.out_dir}: {exc.strerror}") from None
         try:
             self._clear_out_dir()
-            self._start_report()
+            self.start_report()
             try:
                 for entry in self.entries:
                     if entry.result["status"] == "pending":
@@ -242,7 +240,7 @@ class Bench:
             lock.release()
         return self.report
 
-    def _start_report(self) -> None:
+    def start_report(self) -> None:
         env = self.environments.get(self.recipe.model.device)
         plugin_versions = {
             p.distribution: p.version
@@ -295,30 +293,54 @@ class Bench:
         self.report["finished_at"] = _now()
         self._save()
 
-    def _run_entry(self, entry: Entry) -> None:
+    def add_entry(self, name: str, overrides: dict[str, Any], role: str = "variant") -> Entry:
+        """One more entry made of the recipe with `overrides` (RecipeError if invalid; `unavailable` if a
+        step cannot run here); `dgrun tune` adds its trials this way."""
+        entry = self._entry(name, role, overrides, None, {})
+        self.entries.append(entry)
+        self.report.setdefault("variants", [])
+        if entry.result not in self.report["variants"]:
+            self.report["variants"].append(entry.result)
+        return entry
+
+    def run_entry(self, entry: Entry, stop: Any = None) -> None:
+        """Run and score one entry on a fresh pipeline (`stop(calls)` may end its timed passes early:
+        the entry is then `stopped`, unscored)."""
+        self._run_entry(entry, stop)
+        self._save()
+
+    def _run_entry(self, entry: Entry, stop: Any = None) -> None:
         result, run = entry.result, entry.run
         assert run is not None
         result["status"] = "running"
         self._save()
         self.observer.variant_started(result)
         try:
-            with process_state(), PeakMemory(entry.device_kind) as memory:
+            with PeakMemory(entry.device_kind) as memory:
                 try:
                     record = run.execute()
                 finally:
-                    result["plan"] = run.record.get("plan", result["plan"])
-                    result["timings"] = dict(run.record.get("timings") or {})
+                    if run.record is not None:
+                        result["plan"] = [s.model_dump(mode="json") for s in run.record.plan]
+                        result["timings"] = run.record.timings.model_dump(mode="json")
                 for number in range(self.options.warmup):
                     self.observer.stage(f"warmup pass {number + 1} of {self.options.warmup}")
                     run.timed_pass()
+                stopped = False
                 for number in range(self.options.repeats):
                     self.observer.stage(f"timed pass {number + 1} of {self.options.repeats}")
                     cpu_started = time.process_time()
-                    calls = run.timed_pass()
+                    calls = run.timed_pass(stop)
                     result["cpu_seconds"].append(round(time.process_time() - cpu_started, 6))
                     result["calls"].append([[count, round(seconds, 6)] for count, seconds in calls])
+                    if len(calls) < run.calls_per_pass:
+                        stopped = True
+                        break
             result["peak_memory"] = memory.record()
             result["latency"] = latency_summary(result["calls"], result["cpu_seconds"])
+            if stopped:
+                result["status"] = "stopped"
+                return
             self.observer.pipeline_ready(result, run.pipe)
             self._score(entry, record)
             result["status"] = "complete"
@@ -330,6 +352,7 @@ class Bench:
         except Exception as exc:
             result["status"], result["error"] = "failed", f"{type(exc).__name__}: {exc}"
         finally:
+            run.undo_steps()  # process-wide settings the steps changed: the next entry starts clean
             run.pipe = None
             entry.run = None
             _release()
@@ -361,34 +384,6 @@ class Bench:
         if base and result["latency"] and result["latency"]["median_seconds"] > 0:
             speedup = base["median_seconds"] / result["latency"]["median_seconds"]
             result["speedup"] = round(speedup, 4)
-
-
-@contextlib.contextmanager
-def process_state() -> Iterator[None]:
-    """Put back the process-wide switches that steps flip (TF32, matmul precision, cuDNN autotuning, the
-    CUDA allocator's settings), so a variant's process-stage steps do not carry over to the next one."""
-    import torch
-
-    saved = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cudnn.benchmark,
-        torch.get_float32_matmul_precision(),
-        os.environ.get(ALLOC_CONF),
-    )
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
-        torch.backends.cudnn.benchmark = saved[2]
-        torch.set_float32_matmul_precision(saved[3])
-        if saved[4] is None:
-            os.environ.pop(ALLOC_CONF, None)
-        else:
-            os.environ[ALLOC_CONF] = saved[4]
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for index in range(torch.cuda.device_count()):
-                torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
 def _release() -> None:

@@ -1,7 +1,7 @@
 """Error types shared by the loader, the planner and the runner.
 
 Bad input is collected as `Problem`s (all at once, each with a source position) and raised together as one
-`RecipeError`; `cli.py` turns them into `FILE:LINE:COL: location: message` lines and exit code 2.
+`RecipeError`; `dgrun.cli` turns them into `FILE:LINE:COL: location: message` lines and exit code 2.
 """
 
 from __future__ import annotations

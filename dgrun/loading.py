@@ -48,10 +48,13 @@ def load_recipe(path: Path, sets: list[str] = (), optimize: str | None = None) -
             problems.extend(error.problems)
     if optimize is not None:
         try:
-            steps = parse_optimize_shorthand(optimize)
             flag_position = Position(f"<--optimize {optimize}>")
-            data["optimize"] = steps
-            source.replace_subtree(("optimize",), SourceMap(values={("optimize",): flag_position}))
+            edits = parse_optimize_edits(optimize)
+            if edits is None:
+                data["optimize"] = parse_optimize_shorthand(optimize)
+                source.replace_subtree(("optimize",), SourceMap(values={("optimize",): flag_position}))
+            else:
+                apply_optimize_edits(data, source, edits, flag_position)
         except ValueError as exc:
             problems.append(Problem(Position(f"<--optimize {optimize}>"), "optimize", str(exc)))
         except RecipeError as error:
@@ -241,6 +244,68 @@ def parse_optimize_shorthand(text: str) -> list[str | dict[str, Any]]:
                 raise ValueError(f"parameter {key.strip()!r} is given twice for step {step.strip()!r}")
             params[key.strip()] = parse_scalar(raw, "<--optimize>")
     return steps
+
+
+def parse_optimize_edits(text: str) -> list[tuple[str, str | dict[str, Any]]] | None:
+    """`+compile:mode=max-autotune,-vae_tiling` → [("+", {compile: {...}}), ("-", "vae_tiling")].
+
+    None when no step carries a `+` or `-` (the plain form, which replaces the recipe's steps).
+    """
+    tokens = [t.strip() for t in _SPLIT_RE.split(text) if t.strip()]
+    steps = [t for t in tokens if not ("=" in t and ":" not in t.partition("=")[0])]
+    marked = [t[:1] in ("+", "-") for t in steps]
+    if not any(marked):
+        return None
+    if not all(marked):
+        raise ValueError(
+            "either list the steps (replacing the recipe's) or edit them with +STEP / -STEP, not both"
+        )
+    plain = ",".join(t[1:] if t in steps else t for t in tokens)
+    parsed = parse_optimize_shorthand(plain)
+    edits: list[tuple[str, str | dict[str, Any]]] = []
+    for token, item in zip(steps, parsed, strict=True):
+        if token[0] == "-" and not isinstance(item, str):
+            raise ValueError(f"{token!r}: removing a step takes no parameters")
+        edits.append((token[0], item))
+    return edits
+
+
+def apply_optimize_edits(
+    data: dict[str, Any], source: SourceMap, edits: list[tuple[str, str | dict[str, Any]]], flag: Position
+) -> None:
+    """Append (+) and remove (-) steps of the recipe's `optimize`, keeping the file positions of the rest."""
+    current = data.get("optimize")
+    items: list[tuple[Any, int | None]] = [
+        (item, i) for i, item in enumerate(current if isinstance(current, list) else [])
+    ]
+
+    def name_of(item: Any) -> Any:
+        return item if isinstance(item, str) else next(iter(item), None) if isinstance(item, dict) else None
+
+    for op, item in edits:
+        name = name_of(item)
+        present = [position for position, (existing, _) in enumerate(items) if name_of(existing) == name]
+        if op == "-":
+            if not present:
+                raise ValueError(f"-{name}: the recipe has no step {name!r} to remove")
+            del items[present[0]]
+        elif present:
+            raise ValueError(
+                f"+{name}: the recipe already has step {name!r}; use -{name},+{name}:... to change it"
+            )
+        else:
+            items.append((item, None))
+    old = SourceMap(dict(source.values), dict(source.keys))
+    source.replace_subtree(("optimize",), SourceMap(values={("optimize",): source.locate(("optimize",))}))
+    for new_index, (_, origin) in enumerate(items):
+        if origin is None:
+            source.values[("optimize", new_index)] = flag
+            continue
+        for table, old_table in ((source.values, old.values), (source.keys, old.keys)):
+            for path, position in old_table.items():
+                if path[:2] == ("optimize", origin):
+                    table[("optimize", new_index, *path[2:])] = position
+    data["optimize"] = [item for item, _ in items]
 
 
 def validate(data: dict[str, Any], source: SourceMap, echo_file: str | None = None) -> Recipe:

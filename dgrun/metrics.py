@@ -14,8 +14,7 @@ import os
 import statistics
 import sys
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -252,14 +251,3 @@ def _rss() -> int | None:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
-
-
-@contextlib.contextmanager
-def stopwatch() -> Iterator[list[float]]:
-    """`with stopwatch() as elapsed:` … `elapsed[0]` holds the seconds afterwards."""
-    elapsed = [0.0]
-    started = time.perf_counter()
-    try:
-        yield elapsed
-    finally:
-        elapsed[0] = time.perf_counter() - started

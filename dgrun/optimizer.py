@@ -12,7 +12,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,6 +40,21 @@ TAG_REWRITES_MODULES = "rewrites_modules"
 TAG_ATTENTION = "attention"
 TAG_OFFLOAD = "offload"
 TAG_PARALLEL = "parallel"  # splits each image's work over the ranks of a launch
+# Decides in Python, at every denoising step, which parts of the model run (DeepCache): a whole-model
+# torch.compile guards on that state and recompiles each step until dynamo gives up.
+TAG_PER_STEP_PYTHON = "per_step_python"
+# Changes how weights are stored or which layers hold them (quantize, fuse_qkv, layerwise_casting, ...).
+TAG_CHANGES_WEIGHTS = "changes_weights"
+# The tags built-in rules use, with what each implies (docs/plugins.md says the same for authors).
+BUILTIN_TAGS = {
+    TAG_CACHE: "one cache at a time; caches come after fuse_qkv; compile with CUDA graphs refuses them",
+    TAG_REWRITES_MODULES: "replaces modules or wraps forward: `compile` comes after it",
+    TAG_ATTENTION: "chooses attention kernels: `xformers` and xDiT exclude it",
+    TAG_OFFLOAD: "moves weights between devices: offloads exclude each other and model parallelism",
+    TAG_PARALLEL: "splits each image over the ranks of a launch: one per recipe",
+    TAG_PER_STEP_PYTHON: "decides in Python at each step what runs: whole-model `compile` is refused",
+    TAG_CHANGES_WEIGHTS: "changes how weights are stored: offloads and xDiT come after it",
+}
 
 
 class StepParams(BaseModel):
@@ -125,8 +140,54 @@ class StepResult:
     detail: str | None = None
 
 
-class Optimizer:
-    """Base class of every optimization step. Subclasses set the class attributes and `apply`."""
+@dataclass
+class PlanView:
+    """What a step's `combination_problem` may look at: the other planned steps, the recipe, the class."""
+
+    steps: list[tuple[type[Optimizer], StepParams]]
+    recipe: Any = None  # dgrun.recipe.Recipe, None outside a recipe
+    pipeline_class: str | None = None  # None when it is known only once loaded (hub ids)
+
+    def named(self, rule: str) -> list[str]:
+        """Names of the planned steps a rule (a step name, or a tag without `#`) refers to."""
+        return [cls.name for cls, _ in self.steps if cls.name == rule or rule in cls.tags]
+
+    def params_of(self, name: str) -> StepParams | None:
+        return next((params for cls, params in self.steps if cls.name == name), None)
+
+
+@dataclass
+class StepEffect:
+    """What a step measurably did during a run, read from counters once the images are made.
+
+    `counters` go into the record as they are; `summary` is one line for people. `no_effect` says why the
+    counters show nothing happened (the step is then recorded as `no effect`); `warning` flags an effect
+    that hurts (e.g. a recompile storm), printed once and listed in the record's `warnings`.
+    """
+
+    counters: dict[str, Any]
+    summary: str
+    no_effect: str | None = None
+    warning: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "summary": self.summary,
+            "no_effect": self.no_effect,
+            "warning": self.warning,
+        }
+
+
+P = TypeVar("P", bound=StepParams)
+
+
+class Optimizer(Generic[P]):
+    """Base class of every optimization step. Subclasses set the class attributes and `apply`.
+
+    Generic in its params model: `class MyStep(Optimizer[MyParams])` with `Params = MyParams` gives
+    `self.params` the type `MyParams`.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
@@ -134,15 +195,28 @@ class Optimizer:
     stage: ClassVar[Stage] = Stage.PIPELINE
     tags: ClassVar[frozenset[str]] = frozenset()
     conflicts: ClassVar[frozenset[str]] = frozenset()
-    after: ClassVar[frozenset[str]] = frozenset()
+    # Why a conflict rule exists, by rule (a step name or `#tag`): shown with the planner's error.
+    conflict_reasons: ClassVar[dict[str, str]] = {}
+    after: ClassVar[frozenset[str]] = frozenset()  # steps/tags this step must come after
+    before: ClassVar[frozenset[str]] = frozenset()  # steps/tags this step must come before
     applies_to: ClassVar[frozenset[ModelKind]] = frozenset(ModelKind)
     requires_packages: ClassVar[tuple[str, ...]] = ()
     requires_devices: ClassVar[frozenset[str]] = frozenset()
     # Offloading steps place modules on the device themselves: the runner then loads on the CPU.
     places_modules: ClassVar[bool] = False
 
-    def __init__(self, params: StepParams):
-        self.params = params
+    def __init__(self, params: P):
+        self.params: P = params
+
+    # The runner's side of model parallelism: how many ranks make each image together (the runner shards
+    # prompts over the rest), and which rank of such a group ends up holding the images (it writes them).
+    @property
+    def ranks_per_image(self) -> int:
+        return 1
+
+    @property
+    def image_rank_in_group(self) -> int:
+        return 0
 
     @classmethod
     def unavailable_reason(cls, env: Environment, params: StepParams | None = None) -> str | None:
@@ -164,6 +238,18 @@ class Optimizer:
         """
         return None
 
+    @classmethod
+    def combination_problem(cls, params: StepParams, plan: PlanView) -> str | None:
+        """Why this step, with these params, cannot work beside the other planned steps or with the recipe's
+        settings (rules that depend on parameters), or None. Checked by the planner before loading."""
+        return None
+
+    @classmethod
+    def process_environment(cls, params: StepParams) -> dict[str, str]:
+        """Environment variables a process-stage step needs before torch first touches the device (e.g. the
+        CUDA allocator's config, read once): the runner sets them before it probes the GPU."""
+        return {}
+
     def load_kwargs(self, ctx: ApplyContext) -> dict[str, Any]:
         """Keyword arguments a load-stage step adds to the pipeline's `from_pretrained`."""
         return {}
@@ -176,8 +262,20 @@ class Optimizer:
         raise NotImplementedError
 
     def recover(self, pipe: Any, error: BaseException) -> str | None:
-        """The first pipeline call failed after this step: undo it if that can help, saying what it did."""
+        """The first pipeline call failed after this step: undo it if that can help, saying what it did.
+
+        Return None when the failure is not this step's (the runner then asks the step before it).
+        """
         return None
+
+    def effect(self, pipe: Any) -> StepEffect | None:
+        """What the step did during the run, from counters it set up in `apply` (None: nothing measured)."""
+        return None
+
+    def undo(self) -> None:
+        """Put back process-wide state the step changed (torch flags, the attention backend, allocator
+        settings), so the next pipeline in this process starts clean; `dgrun bench` calls it between
+        variants. Changes confined to this step's pipeline need no undo: the pipeline is dropped."""
 
 
 def matches(rule: str, optimizer: type[Optimizer]) -> bool:

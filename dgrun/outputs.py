@@ -15,8 +15,8 @@ from typing import Any
 from dgrun.errors import UsageError
 from dgrun.lock import OutputLock
 from dgrun.recipe import PromptSpec, Recipe
-from dgrun.records import RECORD_FILE, read_json, sha256_file
-from dgrun.runrecord import resumable_images
+from dgrun.records import read_json, sha256_file
+from dgrun.runrecord import RECORD_FILE, resumable_images
 
 
 @dataclass(frozen=True)

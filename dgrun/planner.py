@@ -12,18 +12,28 @@ import difflib
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from dgrun.callargs import extra_problems, static_call_parameters
 from dgrun.errors import Problem, RecipeError, format_location, validation_message
-from dgrun.loading import LoadedRecipe, load_recipe
+from dgrun.loading import LoadedRecipe
 from dgrun.models import local_model_problem, static_model_info, static_modules, static_pipeline_class
-from dgrun.optimizer import STAGE_ORDER, Environment, ModelKind, Optimizer, Stage, StepParams, matches
+from dgrun.optimizer import (
+    STAGE_ORDER,
+    Environment,
+    ModelKind,
+    Optimizer,
+    PlanView,
+    Stage,
+    StepEffect,
+    StepParams,
+    matches,
+)
 from dgrun.plugins import OptimizerInfo, Registry
 from dgrun.recipe import StepSpec
+from dgrun.runrecord import StepRecord
 from dgrun.variants import ExpandedVariant, expand_variants, member_name_problems, member_recipe
 from dgrun.yamlio import DataPath, SourceMap
 
@@ -44,6 +54,7 @@ class PlannedStep:
     detail: str | None = None
     seconds: float | None = None
     optimizer: Optimizer | None = None
+    effect: StepEffect | None = None
 
     @property
     def name(self) -> str:
@@ -65,17 +76,19 @@ class PlannedStep:
             return f"will be skipped: {self.reason}"
         return f"will fail here: {self.reason}"
 
-    def record(self) -> dict[str, Any]:
-        return {
-            "step": self.name,
-            "params": self.params.model_dump(mode="json"),
-            "stage": self.stage.value,
-            "plugin": self.info.package,
-            "on_unavailable": self.on_unavailable,
-            "status": self.status,
-            "detail": self.detail,
-            "seconds": self.seconds,
-        }
+    def record(self) -> StepRecord:
+        """This step's entry in run.json."""
+        return StepRecord(
+            step=self.name,
+            params=self.params.model_dump(mode="json"),
+            stage=self.stage.value,
+            plugin=self.info.package,
+            on_unavailable=self.on_unavailable,
+            status=self.status,
+            detail=self.detail,
+            seconds=self.seconds,
+            effect=self.effect.record() if self.effect is not None else None,
+        )
 
 
 @dataclass
@@ -193,14 +206,21 @@ def _rule_problems(planned: list[PlannedStep], source: SourceMap, prefix: DataPa
         for earlier in planned[:later_pos]:
             a, b = earlier.info.cls, later.info.cls
             path = (*prefix, later.index)
-            if any(matches(rule, b) for rule in a.conflicts) or any(matches(rule, a) for rule in b.conflicts):
+            rules = [(r, a) for r in a.conflicts if matches(r, b)] + [
+                (r, b) for r in b.conflicts if matches(r, a)
+            ]
+            if rules:
+                reasons = [
+                    owner.conflict_reasons[rule] for rule, owner in rules if rule in owner.conflict_reasons
+                ]
                 message = (
                     f"step {b.name!r} conflicts with {a.name!r} ({_where(prefix, earlier.index)}); "
-                    f"keep only one of them"
+                    f"keep only one of them" + (f" ({reasons[0]})" if reasons else "")
                 )
                 problems.append(Problem(source.locate(path), format_location(path), message))
                 continue
-            if any(matches(rule, b) for rule in a.after):
+            # `a` comes first in the recipe: wrong when a must follow b, or b must precede a.
+            if _must_precede(b, a):
                 order = _valid_order(planned)
                 message = (
                     f"step {b.name!r} must come before {a.name!r} ({_where(prefix, earlier.index)}), "
@@ -214,8 +234,16 @@ def _where(prefix: DataPath, index: int) -> str:
     return format_location((*prefix, index))
 
 
+def _must_precede(first: type[Optimizer], second: type[Optimizer]) -> bool:
+    """Whether a rule puts `first` before `second`: second's `after` names first, or first's `before`
+    names second."""
+    return any(matches(rule, first) for rule in second.after) or any(
+        matches(rule, second) for rule in first.before
+    )
+
+
 def _valid_order(planned: list[PlannedStep]) -> str:
-    """An order that satisfies every `after` rule, as close to the recipe's order as possible."""
+    """An order that satisfies every `after` and `before` rule, as close to the recipe's order as possible."""
     remaining = list(planned)
     order: list[str] = []
     while remaining:
@@ -223,8 +251,7 @@ def _valid_order(planned: list[PlannedStep]) -> str:
             blockers = [
                 other
                 for other in remaining
-                if other is not candidate
-                and any(matches(rule, other.info.cls) for rule in candidate.info.cls.after)
+                if other is not candidate and _must_precede(other.info.cls, candidate.info.cls)
             ]
             if not blockers:
                 break
@@ -236,6 +263,9 @@ def _valid_order(planned: list[PlannedStep]) -> str:
 
 
 def _unknown_step_message(name: str, registry: Registry) -> str:
+    clash = registry.clash_message(name)
+    if clash:
+        return clash
     known = sorted(registry.optimizers)
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     message = f"unknown step {name!r}"
@@ -246,6 +276,8 @@ def _unknown_step_message(name: str, registry: Registry) -> str:
     broken = [p.distribution or p.name for p in registry.failed()]
     if broken:
         message += f" (plugins that failed to load: {', '.join(broken)})"
+    if registry.filter_note:
+        message += f" ({registry.filter_note})"
     return message
 
 
@@ -347,7 +379,13 @@ def _plan_one(
         )
     except RecipeError as error:
         problems.extend(error.problems)
-    problems.extend(_extra_problems(recipe.generate.extra, pipeline_class, loaded.source))
+    if plan is not None:
+        problems.extend(combination_problems(plan.steps, recipe, pipeline_class, source, prefix))
+    problems.extend(extra_problems_at(recipe.generate.extra, pipeline_class, loaded.source))
+    if recipe.tune is not None and steps_of is None:
+        from dgrun.tune.spec import space_problems
+
+        problems.extend(space_problems(recipe.tune, registry, loaded.source))
     model_problem = local_model_problem(recipe.model.id, base_dir)
     if model_problem:
         problems.append(loaded.problem(("model", "id"), model_problem))
@@ -360,6 +398,22 @@ def _plan_one(
     plan.model_label = label
     plan.pipeline_class = pipeline_class
     return plan
+
+
+def combination_problems(
+    planned: list[PlannedStep], recipe: Any, pipeline_class: str | None, source: SourceMap, prefix: DataPath
+) -> list[Problem]:
+    """Rules that depend on parameters and on the rest of the recipe (`Optimizer.combination_problem`)."""
+    view = PlanView([(s.info.cls, s.params) for s in planned], recipe, pipeline_class)
+    problems = []
+    for step in planned:
+        reason = step.info.cls.combination_problem(step.params, view)
+        if reason:
+            path = (*prefix, step.index)
+            problems.append(
+                Problem(source.locate(path), format_location(path), f"step {step.name!r}: {reason}")
+            )
+    return problems
 
 
 def component_problems(
@@ -377,7 +431,7 @@ def component_problems(
     return problems
 
 
-def _extra_problems(extra: Any, pipeline_class: str | None, source: SourceMap) -> list[Problem]:
+def extra_problems_at(extra: Any, pipeline_class: str | None, source: SourceMap) -> list[Problem]:
     """`generate.extra` keys dgrun refuses, or (class known) that the pipeline's `__call__` does not name."""
     if not isinstance(extra, dict) or not extra:
         return []
@@ -400,58 +454,3 @@ def _variant_step_source(source: SourceMap, member: ExpandedVariant) -> SourceMa
             if path[:1] == ("optimize",):
                 table[(*target, *path)] = position
     return mapped
-
-
-def load_checked(path: Any, sets: Sequence[str], optimize: str | None, registry: Registry) -> LoadedRecipe:
-    """`load_recipe`, and when the recipe is invalid, its step parameters checked too: every problem of a
-    file in one pass, instead of step errors only after the rest is fixed."""
-    try:
-        return load_recipe(path, list(sets), optimize)
-    except RecipeError as error:
-        if error.document is None:
-            raise
-        data, source = error.document
-        extra = _step_problems(data, source, registry, Path(path).parent)
-        raise RecipeError([*error.problems, *(p for p in extra if p not in error.problems)]) from None
-
-
-def _step_problems(data: Any, source: SourceMap, registry: Registry, base_dir: Path) -> list[Problem]:
-    from pydantic import TypeAdapter
-
-    from dgrun.recipe import StepItem
-
-    items = data.get("optimize") if isinstance(data, dict) else None
-    if not isinstance(items, list):
-        return []
-    adapter = TypeAdapter(StepItem)
-    specs: list[StepSpec | None] = []
-    for item in items:
-        try:
-            specs.append(adapter.validate_python(item))
-        except ValidationError:
-            specs.append(None)  # reported by the recipe's own validation
-    default = data.get("on_unavailable") if data.get("on_unavailable") in ("fail", "skip") else "fail"
-    model = data.get("model")
-    model_id = model.get("id") if isinstance(model, dict) else None
-    kind, label, pipeline_class = None, "", None
-    if isinstance(model_id, str):
-        kind, label = static_model_info(model_id, base_dir)
-        pipeline_class = static_pipeline_class(model_id, base_dir)
-    try:
-        make_plan(
-            specs,
-            registry,
-            Environment.guess(),
-            source,
-            default,
-            model_kind=kind,
-            model_label=label,
-            pipeline_class=pipeline_class,
-        )
-    except RecipeError as error:
-        problems = error.problems
-    else:
-        problems = []
-    generate = data.get("generate")
-    extra = generate.get("extra") if isinstance(generate, dict) else None
-    return problems + _extra_problems(extra, pipeline_class, source)

@@ -1,4 +1,4 @@
-"""The recipe format (DESIGN §2) as pydantic v2 models, strict and closed (`extra="forbid"`) everywhere.
+"""The recipe format (docs/recipes.md) as pydantic v2 models, strict and closed (`extra="forbid"`) everywhere.
 
 Step parameters are validated later by the planner, against the params model of the optimizer that the
 plugin registry resolves the step name to; here a step is only checked to be a name or a one-key mapping.
@@ -25,6 +25,8 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     field_validator,
 )
+
+from dgrun.tune.spec import SpaceStep, TuneConstraints, TuneSpec
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 STEP_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
@@ -102,6 +104,13 @@ class GenerateSpec(Strict):
     images_per_prompt: int = Field(1, ge=1, le=1024)
     negative_prompt: str | None = None
     warmup: int = Field(0, ge=0, le=1000, description="untimed warmup calls before the first timed image")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU intra-op threads (null: torch's default); CPU images depend on the count, which the "
+        "record keeps and `dgrun reproduce` restores",
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict,
         description="extra keyword arguments to the pipeline call: named parameters of the pipeline's "
@@ -349,6 +358,7 @@ class Recipe(Strict):
     prompts: list[PromptItem] = Field(min_length=1, max_length=100_000)
     output: OutputSpec = Field(default_factory=OutputSpec)
     variants: list[VariantSpec] = Field(default_factory=list)
+    tune: TuneSpec | None = Field(None, description="the search of `dgrun tune`; ignored by run and bench")
 
     @field_validator("variants", mode="wrap")
     @classmethod
@@ -366,6 +376,8 @@ class Recipe(Strict):
         already merged, so a run can be repeated from its record or from one of its PNGs alone."""
         data = self.model_dump(mode="json")
         data["extends"] = None
+        if data.get("tune") is None:
+            data.pop("tune", None)  # a recipe without `tune:` resolves (and hashes) as before tuning existed
         return recipe_form(data)
 
     def sha256(self) -> str:
@@ -423,8 +435,10 @@ NESTED_MODELS: dict[type[BaseModel], dict[str, type[BaseModel]]] = {
         "output": OutputSpec,
         "variants": VariantSpec,
         "optimize": StepSpec,
+        "tune": TuneSpec,
     },
     VariantSpec: {"optimize": StepSpec},
+    TuneSpec: {"constraints": TuneConstraints, "space": SpaceStep},
 }
 
 

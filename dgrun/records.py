@@ -1,4 +1,4 @@
-"""Run records and image files: atomic writes, PNG metadata, versions, hashes (DESIGN §6).
+"""Run records and image files: atomic writes, PNG metadata, versions, hashes (docs/recipes.md, "Outputs").
 
 Nothing here may make images depend on time or paths: the PNG's `dgrun` chunk holds only the resolved
 recipe, the prompt, the seed and versions, so the same recipe with the same versions gives the same bytes.
@@ -18,8 +18,6 @@ from typing import Any
 
 from dgrun.safeio import read_bounded
 
-RECORD_FILE = "run.json"
-RECORD_SCHEMA = 1
 PNG_CHUNK = "dgrun"
 TRACKED_PACKAGES = (
     "dgrun",

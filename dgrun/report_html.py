@@ -13,7 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from dgrun.report import columns, row
+from dgrun.report_table import columns, row
 
 THUMBNAIL = 384  # px: larger images are embedded scaled down
 DISPLAY = 160  # px: smallest on-screen size of a grid image (tiny models make 32 px images)

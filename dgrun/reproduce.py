@@ -13,6 +13,7 @@ from typing import Any
 
 from dgrun.errors import Position, UsageError
 from dgrun.loading import LoadedRecipe, recipe_from_resolved
+from dgrun.machine import runtime_differences
 from dgrun.metrics import compare
 from dgrun.outputs import resolve_output_dir
 from dgrun.plugins import Registry
@@ -48,6 +49,7 @@ class Origin:
     recipe_file: Path | None
     targets: list[Target]
     status: str = "complete"  # the recorded run's status; an unfinished run is compared on what it made
+    runtime: dict[str, Any] | None = None  # threads, CPU capability, ... as recorded
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Reproduction:
     record: dict[str, Any]
     images: list[ImageCheck]
     version_changes: list[tuple[str, str, str]] = field(default_factory=list)
+    runtime_changes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -108,6 +111,7 @@ def read_origin(path: Path) -> Origin:
         Path(record.recipe_file) if record.recipe_file else None,
         targets,
         record.status,
+        record.runtime,
     )
 
 
@@ -131,6 +135,7 @@ def _image_origin(path: Path) -> Origin:
         None,
         None,
         [target],
+        runtime=chunk.runtime,
     )
 
 
@@ -158,8 +163,14 @@ def reproduce(
     trust_remote_code: bool = False,
     argv: list[str] | None = None,
     observer: RunObserver | None = None,
+    threads: int | None = None,
+    wait_policy: str | None = None,
 ) -> Reproduction:
-    """Re-run the recorded recipe into a new directory and compare every recorded image."""
+    """Re-run the recorded recipe into a new directory and compare every recorded image.
+
+    The recorded CPU thread count is used again (CPU images depend on it) unless `threads` says otherwise;
+    from a PNG, only the call that made that image is run again.
+    """
     origin = read_origin(path)
     display = str(origin.path)
     recipe = recipe_from_resolved(origin.recipe, f"<recipe recorded in {display}>")
@@ -170,8 +181,16 @@ def reproduce(
         recipe, SourceMap(default=Position(display)), recipe_path or origin.path.parent / "recorded-recipe"
     )
     out_dir = new_out_dir(recipe, out)
+    recorded_threads = (origin.runtime or {}).get("threads")
     options = RunOptions(
-        out=str(out_dir), trust_remote_code=trust_remote_code, argv=list(argv or []), record_git=False
+        out=str(out_dir),
+        trust_remote_code=trust_remote_code,
+        argv=list(argv or []),
+        record_git=False,
+        threads=threads
+        or (recorded_threads if isinstance(recorded_threads, int) and recorded_threads > 0 else None),
+        wait_policy=wait_policy,
+        only={(t.prompt_index, t.image_index) for t in origin.targets} if origin.kind == "image" else None,
     )
     record = Run(loaded, registry, options, observer or RunObserver()).execute()
     result = Reproduction(origin, out_dir, record, [])
@@ -196,6 +215,7 @@ def reproduce(
             result.version_changes.append((name, recorded.get(name, "absent"), current.get(name, "absent")))
     if origin.device and origin.device != record.get("device"):
         result.notes.append(f"device differs: recorded {origin.device}, now {record.get('device')}")
+    result.runtime_changes = runtime_differences(origin.runtime, record.get("runtime"))
     return result
 
 
@@ -229,7 +249,7 @@ def check_image(
     check.psnr_db, check.max_abs_diff = fidelity["psnr_db"], fidelity["max_abs_diff"]
     if fidelity["identical"]:
         check.status = "same pixels"
-        check.detail += "pixels identical; the PNG's metadata differs (recipe or versions)"
+        check.detail += "pixels identical; the PNG's metadata differs (recipe, versions or runtime)"
     elif tolerance is not None and check.psnr_db is not None and check.psnr_db >= tolerance:
         check.status = "within tolerance"
     return check

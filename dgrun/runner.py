@@ -1,4 +1,4 @@
-"""Run a recipe: plan, load once, apply the steps, warm up, generate, record (DESIGN §1, §6).
+"""Run a recipe: plan, load once, apply the steps, warm up, generate, record (docs/recipes.md).
 
 The runner never prints: it reports through a `RunObserver` (the CLI's shows rich progress). The run
 record is written when the run starts, after every batch, and on failure or Ctrl-C, always atomically,
@@ -8,41 +8,44 @@ so an interrupted run can be resumed and never leaves a half-written file.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from dgrun import __version__
-from dgrun.callargs import extra_problems, runtime_call_parameters
+from dgrun.applying import (
+    apply_step,
+    collect_effects,
+    export_process_environment,
+    load_planned,
+    recover_steps,
+)
 from dgrun.distributed import Distributed, RankTerminated, merge_rank_reports, shard, verdict
 from dgrun.errors import (
     DgrunError,
     OutputWriteError,
-    Problem,
-    RecipeError,
     RunError,
     Terminated,
-    format_location,
 )
 from dgrun.generation import batches, call_kwargs
 from dgrun.gitinfo import git_state
 from dgrun.loading import LoadedRecipe
 from dgrun.lock import OutputLock, is_out_of_space
-from dgrun.models import kind_from_components, native_size, resolve_dtype
-from dgrun.optimizer import ApplyContext, Environment, Stage, StepResult
+from dgrun.machine import runtime_facts
+from dgrun.models import native_size, resolve_dtype
+from dgrun.optimizer import ApplyContext, Environment, Stage
 from dgrun.outputs import ImageJob, Previous, claim_output_dir, image_jobs, resolve_output_dir
-from dgrun.planner import Plan, PlannedStep, kind_problems, pipeline_problems, plan_recipe
+from dgrun.planner import Plan, PlannedStep, plan_recipe
 from dgrun.plugins import Registry
 from dgrun.quiet import quiet_libraries
 from dgrun.records import (
-    RECORD_FILE,
-    RECORD_SCHEMA,
     package_versions,
     peak_memory,
-    write_json,
     write_png,
 )
+from dgrun.runrecord import RECORD_FILE, ModelInfo, PluginEntry, RunRecord, TrustRemoteCode
 
 MEMORY_HINT = (
     "out of memory: try the memory steps (vae_slicing, vae_tiling, cpu_offload, group_offloading), "
@@ -62,6 +65,9 @@ class RunOptions:
     # Read the recipe's git commit (from .git, never by running git): only for a recipe the user named,
     # not for one taken from a record, whose recorded paths are untrusted.
     record_git: bool = True
+    threads: int | None = None  # CPU threads when the recipe sets none (reproduce: the recorded count)
+    wait_policy: str | None = None  # what the CLI chose for OpenMP's idle threads, for the record
+    only: set[tuple[int, int]] | None = None  # (prompt, image) to remake, with the rest of their batch
 
 
 class RunObserver:
@@ -90,7 +96,7 @@ class Run:
         self.sha = self.recipe.sha256()
         self.out_dir = resolve_output_dir(self.recipe, options.out)
         self.jobs = image_jobs(self.recipe)
-        self.record: dict[str, Any] = {}
+        self.record: RunRecord | None = None
         self.plan: Plan | None = None
         self.pipe: Any = None
         self.first_call_done = False
@@ -99,13 +105,21 @@ class Run:
         self.made: list[dict[str, Any]] = []
         self.writes_images = True
         self.lock: OutputLock | None = None
+        self.effects_collected = False
+        self.restore_threads: int | None = None
+        self.exported_env: dict[str, str | None] = {}  # process_environment variables, and their old values
 
     # ----------------------------------------------------------------------------------------- setup
     def prepare(self) -> Previous:
         """Everything that can fail on bad input, before any model is loaded or file written."""
-        self.registry.check_consistent()
+        self.exported_env = export_process_environment(self.recipe.optimize, self.registry)
         device = self.dist.device(self.recipe.model.device)
         self.plan = plan_recipe(self.loaded, self.registry, Environment.probe(device))
+        if self.plan.env.device_kind == "cuda" and ":" in self.plan.env.device:
+            import torch
+
+            # cuda:N in one process: peak memory, bitsandbytes placement and new tensors follow device N.
+            torch.cuda.set_device(self.plan.env.device)
         self.dist.start(self.plan.env.device_kind)
         # Only rank 0 looks at (and may clean) the output directory; every rank gets its verdict.
         return verdict(self.dist, self._check_output)
@@ -133,42 +147,29 @@ class Run:
     def start_record(self) -> None:
         assert self.plan is not None
         recipe_flag = self.recipe.model.trust_remote_code
-        self.record = {
-            "schema": RECORD_SCHEMA,
-            "status": "running",
-            "dgrun": __version__,
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "finished_at": None,
-            "command": self.options.argv,
-            "recipe_file": str(self.loaded.path),
-            "git": git_state(self.loaded.path) if self.options.record_git else None,
-            "recipe": self.recipe.resolved(),
-            "recipe_sha256": self.sha,
-            "versions": package_versions(self.plugin_versions()),
-            "plugins": [
-                {"name": p.name, "distribution": p.distribution, "version": p.version, "error": p.error}
+        self.record = RunRecord(
+            dgrun=__version__,
+            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            command=self.options.argv,
+            recipe_file=str(self.loaded.path),
+            git=git_state(self.loaded.path) if self.options.record_git else None,
+            recipe=self.recipe.resolved(),
+            recipe_sha256=self.sha,
+            versions=package_versions(self.plugin_versions()),
+            plugins=[
+                PluginEntry(name=p.name, distribution=p.distribution, version=p.version, error=p.error)
                 for p in self.registry.plugins
             ],
-            "device": self.plan.env.device,
-            "world_size": self.dist.world_size,
-            "dtype": None,
-            "model": {"id": self.recipe.model.id, "kind": None, "pipeline_class": None},
-            "trust_remote_code": {
-                "recipe": recipe_flag,
-                "command_line": self.options.trust_remote_code,
-                "effective": recipe_flag and self.options.trust_remote_code,
-            },
-            "plan": [s.record() for s in self.plan.steps],
-            "timings": {
-                "load_seconds": None,
-                "apply_seconds": None,
-                "warmup_seconds": None,
-                "first_call_seconds": None,
-            },
-            "peak_memory": None,
-            "images": [],
-            "error": None,
-        }
+            device=self.plan.env.device,
+            world_size=self.dist.world_size,
+            model=ModelInfo(id=self.recipe.model.id),
+            trust_remote_code=TrustRemoteCode(
+                recipe=recipe_flag,
+                command_line=self.options.trust_remote_code,
+                effective=recipe_flag and self.options.trust_remote_code,
+            ),
+            plan=[s.record() for s in self.plan.steps],
+        )
 
     def plugin_versions(self) -> dict[str, str]:
         return {
@@ -181,15 +182,16 @@ class Run:
         """Write run.json; on a full disk, once more with the space the lock reserved for this moment."""
         if not self.dist.is_main:
             return  # rank 0 alone writes run.json, merging the other ranks' images at the end
+        assert self.record is not None
         if self.plan is not None:
-            self.record["plan"] = [s.record() for s in self.plan.steps]
+            self.record.plan = [s.record() for s in self.plan.steps]
         try:
-            write_json(self.out_dir / RECORD_FILE, self.record)
+            self.record.write(self.out_dir)
         except OSError as exc:
             if not (is_out_of_space(exc) and self.lock is not None and self.lock.release_reserve()):
                 raise OutputWriteError(RECORD_FILE, self.out_dir, exc) from exc
             try:
-                write_json(self.out_dir / RECORD_FILE, self.record)
+                self.record.write(self.out_dir)
             except OSError as again:
                 raise OutputWriteError(RECORD_FILE, self.out_dir, again) from again
 
@@ -198,6 +200,11 @@ class Run:
         try:
             return self._execute()
         finally:
+            if self.restore_threads:
+                import torch
+
+                torch.set_num_threads(self.restore_threads)
+                self.restore_threads = None
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
@@ -226,9 +233,9 @@ class Run:
             self._finish("failed", message)
             raise RunError(message) from exc
         self._finish("complete", None)
-        if self.record["status"] != "complete":  # another rank failed: every rank fails alike
-            raise RunError(self.record["error"] or "another rank failed")
-        return self.record
+        if self.record.status != "complete":  # another rank failed: every rank fails alike
+            raise RunError(self.record.error or "another rank failed")
+        return self.record.as_dict()
 
     def _describe(self, exc: BaseException) -> str:
         import torch
@@ -238,14 +245,17 @@ class Run:
         return f"{type(exc).__name__}: {exc}"
 
     def _finish(self, status: str, error: str | None, gather: bool = True) -> None:
+        if self.pipe is not None and status != "complete":
+            with contextlib.suppress(Exception):
+                self.collect_effects()  # what the steps did before the run stopped
         if self.dist.active:
             status, error = self._merge_ranks(status, error, gather)
-        self.record["status"] = status
-        self.record["error"] = error
-        self.record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.record.status = status
+        self.record.error = error
+        self.record.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if self.plan is not None:
             with contextlib.suppress(Exception):
-                self.record["peak_memory"] = peak_memory(self.plan.env.device_kind)
+                self.record.peak_memory = peak_memory(self.plan.env.device_kind)
         self.save()
 
     def _run(self, previous: Previous) -> None:
@@ -254,8 +264,13 @@ class Run:
         assert self.plan is not None
         quiet_libraries()
         env = self.plan.env
+        threads = self.recipe.generate.threads or self.options.threads
+        if threads and threads != torch.get_num_threads():
+            self.restore_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
+        self.record.runtime = runtime_facts(env.device, self.options.wait_policy)
         dtype = resolve_dtype(self.recipe.model.dtype, env.device_kind)
-        self.record["dtype"] = str(dtype).removeprefix("torch.")
+        self.record.dtype = str(dtype).removeprefix("torch.")
         ctx = ApplyContext(
             env=env, model_kind=self.plan.model_kind, dtype=dtype, generate=self.recipe.generate
         )
@@ -267,7 +282,7 @@ class Run:
         self.observer.stage(f"loading {self.recipe.model.id}")
         load_started = time.perf_counter()
         self.pipe = self._load(ctx, dtype)
-        self.record["timings"]["load_seconds"] = round(time.perf_counter() - load_started, 4)
+        self.record.timings.load_seconds = round(time.perf_counter() - load_started, 4)
 
         apply_started = time.perf_counter()
         width, height = native_size(self.pipe, self.recipe.model.id)
@@ -276,19 +291,27 @@ class Run:
         for step in self.plan.ordered():
             if step.stage is not Stage.PROCESS:
                 self._apply(step, self.pipe, ctx)
-        self.record["timings"]["apply_seconds"] = round(time.perf_counter() - apply_started, 4)
+        self.record.timings.apply_seconds = round(time.perf_counter() - apply_started, 4)
         self.save()
 
         # Ranks that make each image together (context_parallel, xdit) share one shard; the rank that
         # ends up holding the images (`image_rank_in_group`, the group's first unless a step says) writes.
         applied = [s.optimizer for s in self.plan.steps if s.status == "applied"]
-        group = max([getattr(o, "ranks_per_image", 1) for o in applied], default=1)
-        writer = max([getattr(o, "image_rank_in_group", 0) for o in applied], default=0)
+        group = max([o.ranks_per_image for o in applied if o is not None], default=1)
+        writer = max([o.image_rank_in_group for o in applied if o is not None], default=0)
         self.writes_images = self.dist.rank % group == writer
         dp_rank, dp_world = self.dist.rank // group, self.dist.world_size // group
         mine = shard(self.jobs, lambda job: job.prompt_index, dp_rank, dp_world)
+        if self.options.only is not None:  # reproduce one image: remake the call that made it
+            wanted = self.options.only
+            mine = [
+                j
+                for b in self._batches(mine)
+                if any((k.prompt_index, k.image_index) in wanted for k in b)
+                for j in b
+            ]
         todo = [job for job in mine if job.file not in previous.done]
-        self.record["images"] = [previous.done[job.file] for job in self.jobs if job.file in previous.done]
+        self.record.images = [previous.done[job.file] for job in self.jobs if job.file in previous.done]
         if self.dist.active:
             self.observer.stage(
                 f"data parallel: rank {self.dist.rank} of {self.dist.world_size} makes "
@@ -299,72 +322,55 @@ class Run:
             for index in range(self.recipe.generate.warmup):
                 self.observer.stage(f"warmup call {index + 1} of {self.recipe.generate.warmup}")
                 self._call(self._batches(self.jobs)[0])
-            self.record["timings"]["warmup_seconds"] = round(time.perf_counter() - warmup_started, 4)
+            self.record.timings.warmup_seconds = round(time.perf_counter() - warmup_started, 4)
             self.observer.generation_started(len(mine), len(mine) - len(todo))
             for batch in self._batches(todo):
                 self._generate(batch)
-        self.record["timings"]["total_seconds"] = round(time.perf_counter() - started, 4)
+        self.record.timings.total_seconds = round(time.perf_counter() - started, 4)
+        self.collect_effects()
+
+    def collect_effects(self) -> None:
+        """Ask every applied step what it measurably did; `no effect` and warnings go into the record."""
+        if self.plan is None or self.effects_collected:
+            return
+        self.effects_collected = True
+        for warning in collect_effects(self.plan, self.pipe):
+            self.warn(warning)
+
+    def undo_steps(self) -> None:
+        """Let every step put back the process-wide state it changed (bench, between entries)."""
+        for step in reversed(self.plan.ordered() if self.plan is not None else []):
+            if step.optimizer is not None:
+                with contextlib.suppress(Exception):
+                    step.optimizer.undo()
+        for key, value in self.exported_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self.exported_env.clear()
+
+    def warn(self, message: str) -> None:
+        """A warning a user must know: printed once, kept in the record."""
+        if message not in self.record.warnings:
+            self.record.warnings.append(message)
+            self.observer.warning(message)
 
     def _load(self, ctx: ApplyContext, dtype: Any) -> Any:
-        from dgrun.models.hub import load_diffusers_pipeline
-
-        model = self.recipe.model
-        extra: dict[str, Any] = {}
-        for step in self.plan.ordered():
-            if step.stage is Stage.LOAD and step.runnable:
-                step.optimizer = step.info.cls(step.params)
-                extra.update(step.optimizer.load_kwargs(ctx))
-        places_itself = any(s.runnable and s.info.cls.places_modules for s in self.plan.steps)
-        device = "cpu" if places_itself else ctx.env.device
-        pipe = self.registry.load_pipeline(model, device, dtype)
-        if pipe is None:
-            trust = model.trust_remote_code and self.options.trust_remote_code
-            pipe = load_diffusers_pipeline(model, device, dtype, trust, extra, self.loaded.path.parent)
-        with contextlib.suppress(Exception):
-            pipe.set_progress_bar_config(disable=True)
-        kind = kind_from_components(getattr(pipe, "components", {}))
-        self.record["model"].update(kind=kind.value if kind else None, pipeline_class=type(pipe).__name__)
-        problems = []
-        if kind is not None and self.plan.model_kind is None:
-            self.plan.model_kind = ctx.model_kind = kind
-            label = f"{model.id} ({type(pipe).__name__})"
-            problems.extend(kind_problems(self.plan.steps, kind, label, self.loaded.source))
-        if self.plan.pipeline_class is None:
-            problems.extend(pipeline_problems(self.plan.steps, type(pipe).__name__, self.loaded.source))
-        extra = self.recipe.generate.extra
-        for key, message in extra_problems(extra, runtime_call_parameters(pipe), type(pipe).__name__).items():
-            path = ("generate", "extra", key)
-            problems.append(
-                Problem(self.loaded.source.locate(path, key=True), format_location(path), message)
-            )
-        if problems:
-            raise RecipeError(problems)
+        assert self.plan is not None
+        trust = self.recipe.model.trust_remote_code and self.options.trust_remote_code
+        pipe = load_planned(self.loaded, self.plan, self.registry, ctx, dtype, trust)
+        kind = self.plan.model_kind
+        self.record.model.kind = kind.value if kind else None
+        self.record.model.pipeline_class = type(pipe).__name__
         return pipe
 
     def _apply(self, step: PlannedStep, pipe: Any, ctx: ApplyContext) -> None:
-        if not step.runnable:
-            step.status, step.detail = "skipped", step.reason
-            self.observer.step_done(step)
-            return
-        started = time.perf_counter()
         try:
-            if step.optimizer is None:
-                step.optimizer = step.info.cls(step.params)
-            outcome = step.optimizer.apply(pipe, ctx)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            if step.on_unavailable != "skip":
-                raise RunError(f"step {step.name!r} ({step.info.package}) failed to apply: {reason}") from exc
-            step.status, step.detail = "skipped", f"failed to apply: {reason}"
-        else:
-            if isinstance(outcome, StepResult):
-                step.status, step.detail = outcome.status, outcome.detail
-            else:
-                step.status, step.detail = "applied", outcome
-        step.seconds = round(time.perf_counter() - started, 4)
-        self.observer.step_done(step)
+            apply_step(step, pipe, ctx)
+        finally:
+            if step.status != "planned":
+                self.observer.step_done(step)
 
     # ------------------------------------------------------------------------------------ generation
     def _batches(self, jobs: list[ImageJob]) -> list[list[ImageJob]]:
@@ -384,43 +390,39 @@ class Run:
                 raise
             images = self._pipeline_call(batch)
         self.first_call_done = True
-        self.record["timings"]["first_call_seconds"] = round(time.perf_counter() - started, 4)
+        self.record.timings.first_call_seconds = round(time.perf_counter() - started, 4)
         return images
 
-    def timed_pass(self) -> list[tuple[int, float]]:
+    @property
+    def calls_per_pass(self) -> int:
+        """Pipeline calls in one pass over every image."""
+        return len(self._batches(self.jobs))
+
+    def timed_pass(self, stop: Any = None) -> list[tuple[int, float]]:
         """Generate every image again, writing nothing: (images, seconds) per pipeline call.
 
         `dgrun bench` times its repeats with this after `execute`, so they use the run's own pipeline,
-        batches and call arguments.
+        batches and call arguments. `stop(calls)`, asked after each call, ends the pass early when true
+        (`dgrun tune` stops a trial that is already slower than the best one).
         """
         import torch
 
-        calls = []
+        calls: list[tuple[int, float]] = []
         with torch.inference_mode():
             for batch in self._batches(self.jobs):
                 started = time.perf_counter()
                 self._call(batch)
                 calls.append((len(batch), time.perf_counter() - started))
+                if stop is not None and stop(calls):
+                    break
         return calls
 
     def _recover(self, exc: BaseException) -> bool:
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError):
-            return False
-        recovered = False
-        for step in reversed(self.plan.ordered()):
-            if step.optimizer is None or step.status not in ("applied", "fell back"):
-                continue
-            message = step.optimizer.recover(self.pipe, exc)
-            if message is None:
-                continue
-            if step.explicit_fail:
-                raise RunError(f"step {step.name!r}: {message} (the step says on_unavailable: fail)") from exc
-            step.status, step.detail = "fell back", message
-            self.observer.warning(f"{step.name}: {message}")
-            recovered = True
-        return recovered
+        assert self.plan is not None
+        messages = recover_steps(self.plan, self.pipe, exc)
+        for message in messages:
+            self.observer.warning(message)
+        return bool(messages)
 
     def _pipeline_call(self, batch: list[ImageJob]) -> list[Any]:
 
@@ -434,10 +436,11 @@ class Run:
         seconds = (time.perf_counter() - started) / len(batch)
         if not self.writes_images:
             return
-        versions = self.record["versions"]
+        versions = self.record.versions
+        runtime = self.record.runtime or {}
         for job, image in zip(batch, images, strict=True):
             info = {
-                "recipe": self.record["recipe"],
+                "recipe": self.record.recipe,
                 "recipe_sha256": self.sha,
                 "prompt": job.prompt.text,
                 "negative": job.prompt.negative
@@ -447,6 +450,7 @@ class Run:
                 "prompt_index": job.prompt_index,
                 "image_index": job.image_index,
                 "versions": versions,
+                "runtime": {k: runtime.get(k) for k in ("threads", "cpu_capability")},
             }
             try:
                 digest = write_png(self.out_dir / job.file, image, info)
@@ -468,9 +472,9 @@ class Run:
                 "rank": self.dist.rank,
             }
             self.made.append(entry)
-            self.record["images"].append(entry)
+            self.record.images.append(entry)
             self.observer.image_done(entry)
-        self.record["images"].sort(key=lambda e: (e["prompt_index"], e["image_index"]))
+        self.record.images.sort(key=lambda e: (e["prompt_index"], e["image_index"]))
         self.save()
 
     # ------------------------------------------------------------------------------ data parallel
@@ -478,8 +482,8 @@ class Run:
         """Collect every rank's images and outcome; the run is complete only if every rank completed."""
         assert self.plan is not None
         mine = {"rank": self.dist.rank, "device": self.plan.env.device, "status": status, "error": error}
-        merged = merge_rank_reports(self.dist, mine, self.made, self.record["images"], gather)
-        self.record["images"], self.record["ranks"], status, error = merged
+        merged = merge_rank_reports(self.dist, mine, self.made, self.record.images, gather)
+        self.record.images, self.record.ranks, status, error = merged
         return status, error
 
 

@@ -1,23 +1,114 @@
-"""The parts of a run record and of a PNG's `dgrun` chunk that dgrun reads back, as pydantic models.
+"""The run record (run.json) as pydantic models: what a run writes, and what dgrun reads back.
 
-Records travel (a run.json in a repository, a PNG in a chat) and are untrusted input: `reproduce` and
-`--resume` read them through these models, so a malformed record is bad input naming the field that is
-wrong (exit 2), never an internal error. Unknown keys are ignored: records of other dgrun versions carry
-more (or fewer) fields than these.
+`RunRecord` is what the runner fills in and saves; its JSON form is the documented run.json. Records also
+travel (a run.json in a repository, a PNG in a chat) and are then untrusted input: `reproduce` and
+`--resume` read them through the lenient `Recorded*` models below, so a malformed record is bad input
+naming the field that is wrong (exit 2), never an internal error. Those ignore unknown keys: records of
+other dgrun versions carry more (or fewer) fields.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dgrun.errors import UsageError, format_location
 
+RECORD_FILE = "run.json"
+RECORD_SCHEMA = 1
+
 # An image file name as dgrun writes it: no directories, no hidden files.
 FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.png$", max_length=255)]
 Index = Annotated[int, Field(ge=0, le=10_000_000)]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Written(BaseModel):
+    """A part of the record dgrun writes (attribute access while the run fills it in)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class StepRecord(_Written):
+    """One plan entry as run.json keeps it: what the step was, and what became of it."""
+
+    step: str
+    params: dict[str, Any]
+    stage: str
+    plugin: str
+    on_unavailable: str
+    status: str = "planned"  # planned | applied | no effect | fell back | skipped | failed
+    detail: str | None = None
+    seconds: float | None = None
+    effect: dict[str, Any] | None = None  # the step's counters (StepEffect.record())
+
+
+class Timings(_Written):
+    load_seconds: float | None = None
+    apply_seconds: float | None = None
+    warmup_seconds: float | None = None
+    first_call_seconds: float | None = None
+    total_seconds: float | None = None
+
+
+class ModelInfo(_Written):
+    id: str
+    kind: str | None = None
+    pipeline_class: str | None = None
+
+
+class TrustRemoteCode(_Written):
+    recipe: bool
+    command_line: bool
+    effective: bool
+
+
+class PluginEntry(_Written):
+    name: str
+    distribution: str
+    version: str
+    error: str | None = None
+
+
+class RunRecord(_Written):
+    """run.json: written when a run starts, after every batch, and however it ends."""
+
+    schema_version: int = Field(RECORD_SCHEMA, alias="schema")
+    status: str = "running"  # running | complete | failed | interrupted
+    dgrun: str
+    started_at: str
+    finished_at: str | None = None
+    command: list[str]
+    recipe_file: str | None
+    git: dict[str, Any] | None
+    recipe: dict[str, Any]
+    recipe_sha256: str
+    versions: dict[str, str]
+    plugins: list[PluginEntry]
+    device: str
+    world_size: int = 1
+    dtype: str | None = None
+    model: ModelInfo
+    trust_remote_code: TrustRemoteCode
+    plan: list[StepRecord]
+    timings: Timings = Field(default_factory=Timings)
+    peak_memory: dict[str, Any] | None = None
+    runtime: dict[str, Any] | None = None  # machine.runtime_facts()
+    images: list[dict[str, Any]] = Field(default_factory=list)  # one entry per finished image
+    warnings: list[str] = Field(default_factory=list)
+    error: str | None = None
+    ranks: list[dict[str, Any]] | None = None  # per-rank summaries of a distributed run
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form, as run.json holds it (`ranks` only for distributed runs)."""
+        return self.model_dump(mode="json", by_alias=True, exclude={"ranks"} if self.ranks is None else None)
+
+    def write(self, directory: Path) -> None:
+        from dgrun.records import write_json
+
+        write_json(Path(directory) / RECORD_FILE, self.as_dict())
 
 
 class _Read(BaseModel):
@@ -43,6 +134,7 @@ class RecordedRun(_Read):
     device: str | None = None
     recipe_file: str | None = None
     status: str = "complete"
+    runtime: dict[str, Any] | None = None
 
 
 class ImageChunk(_Read):
@@ -53,6 +145,7 @@ class ImageChunk(_Read):
     image_index: Index = 0
     recipe_sha256: Digest | None = None
     versions: dict[str, str] = Field(default_factory=dict)
+    runtime: dict[str, Any] | None = None
 
 
 def read_model(model: type[_Read], data: Any, what: str) -> Any:

@@ -1,6 +1,9 @@
 """Helpers for testing dgrun plugins: tiny pipelines, in-process plugin registration, one-call runs.
 
-    from dgrun.testing import registered_plugin, run_recipe_data, tiny_pipeline
+Installed as a pytest plugin (entry point `pytest11`), so the `dgrun_register_plugin` fixture is there in
+any test session without a conftest line.
+
+    from dgrun.testing import apply_context, registered_plugin, run_recipe_data, tiny_pipeline
 
     def test_my_step(tmp_path):
         with registered_plugin(my_plugin_module):
@@ -42,6 +45,25 @@ def tiny_pipeline(kind: str = "unet", dtype: Any = None) -> Any:
     if kind not in builders:
         raise ValueError(f"kind must be one of {', '.join(builders)}")
     return builders[kind](dtype=dtype)
+
+
+def apply_context(
+    kind: str = "unet",
+    device: str = "cpu",
+    dtype: Any = None,
+    width: int | None = 32,
+    height: int | None = 32,
+    generate: Any = None,
+) -> Any:
+    """The `ApplyContext` a step's `apply` gets in a run: `MyStep(params).apply(pipe, apply_context())`."""
+    from dgrun.optimizer import ApplyContext, Environment, ModelKind
+
+    if dtype is None:
+        import torch
+
+        dtype = torch.float32
+    env = Environment(device=device, device_kind=device.split(":")[0], probed=True)
+    return ApplyContext(env, ModelKind(kind), dtype=dtype, width=width, height=height, generate=generate)
 
 
 def generate_array(pipe: Any, prompt: str | list[str], steps: int, seed: int = 0) -> Any:
@@ -132,26 +154,117 @@ if pytest is not None:
             yield register
 
 
-def plan_steps(directory: Path, steps: str, env: Any, model: str = "dgrun:tiny-flux") -> Any:
+def plan_steps(
+    directory: Path,
+    steps: str,
+    env: Any,
+    model: str = "dgrun:tiny-flux",
+    dtype: str | None = None,
+    **generate: Any,
+) -> Any:
     """Plan the YAML `optimize:` list `steps` (indented entries) for `model` in `env`, loading nothing.
 
-    Raises RecipeError as `dgrun check` would; returns the Plan (each step's `reason` says why it cannot run).
+    Keyword arguments are `generate` keys (e.g. `extra={...}`); `dtype` is `model.dtype`. Raises RecipeError
+    as `dgrun check` would; returns the Plan (each step's `reason` says why it cannot run).
     """
+    import json
+
     from dgrun.loading import load_recipe
-    from dgrun.models import static_model_info
-    from dgrun.planner import make_plan
+    from dgrun.planner import plan_recipe
     from dgrun.plugins import build_registry
 
     path = Path(directory) / "plan.yaml"
-    path.write_text(f"dgrun: 1\nname: plan\nmodel: {{id: {model}}}\nprompts: [a cat]\noptimize:\n{steps}")
-    loaded = load_recipe(path)
-    kind, label = static_model_info(loaded.recipe.model.id)
-    return make_plan(
-        loaded.recipe.optimize,
-        build_registry(),
-        env,
-        loaded.source,
-        loaded.recipe.on_unavailable,
-        model_kind=kind,
-        model_label=label,
-    )
+    header = {"dgrun": 1, "name": "plan", "model": {"id": model}, "prompts": ["a cat"], "generate": generate}
+    if dtype is not None:
+        header["model"]["dtype"] = dtype
+    text = "\n".join(f"{key}: {json.dumps(value)}" for key, value in header.items())
+    path.write_text(f"{text}\noptimize:\n{steps}")
+    return plan_recipe(load_recipe(path), build_registry(), env)
+
+
+def plan_problems(
+    directory: Path,
+    steps: str,
+    env: Any,
+    model: str = "dgrun:tiny-flux",
+    dtype: str | None = None,
+    **generate: Any,
+) -> list[Any]:
+    """The problems `dgrun check` reports for the `optimize:` list `steps`, planned as by `plan_steps`.
+
+    Fails the test when the steps plan without a problem.
+    """
+    from dgrun.errors import RecipeError
+
+    try:
+        plan_steps(directory, steps, env, model, dtype, **generate)
+    except RecipeError as error:
+        assert error.problems, "RecipeError without problems"
+        return list(error.problems)
+    raise AssertionError(f"planned without a problem:\n{steps}")
+
+
+def plan_problem(
+    directory: Path,
+    steps: str,
+    env: Any,
+    model: str = "dgrun:tiny-flux",
+    dtype: str | None = None,
+    **generate: Any,
+) -> Any:
+    """The one problem of `plan_problems`; fails the test, naming them, when there are several."""
+    problems = plan_problems(directory, steps, env, model, dtype, **generate)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def diffusers_hooks(module: Any, by_hook: bool = False) -> dict[str, list[str]]:
+    """Submodule name ("" for `module` itself) -> names of the diffusers hooks registered on it; with
+    `by_hook`, hook name -> names of the submodules that carry it, in module order.
+
+    What a cache, offloading or casting step installed, e.g. `{"": ["group_offloading"], ...}`.
+    """
+    found = {
+        name: list(sub._diffusers_hook.hooks)
+        for name, sub in module.named_modules()
+        if getattr(sub, "_diffusers_hook", None) is not None and sub._diffusers_hook.hooks
+    }
+    if not by_hook:
+        return found
+    modules: dict[str, list[str]] = {}
+    for name, hooks in found.items():
+        for hook in hooks:
+            modules.setdefault(hook, []).append(name)
+    return modules
+
+
+def last_block_mlp(pipe: Any) -> Any:
+    """The MLP input projection of the last block of a tiny FLUX pipeline's transformer.
+
+    It runs only when that block is really computed, so `count_calls` on it counts the steps a cache did
+    not serve (a hook on the block itself may fire either way: caches replace the block's `forward`).
+    """
+    return pipe.transformer.single_transformer_blocks[-1].proj_mlp
+
+
+def cached_run(
+    pipe: Any, probe: Any, prompt: str | list[str], steps: int, uncached: Any
+) -> tuple[int, float]:
+    """Generate twice with a cache applied: how often `probe` ran in a call, and the mean absolute
+    difference of the images to `uncached` (`generate_array` of the pipeline without the cache).
+
+    Fails the test unless the second call repeats the first exactly (a run calls the pipeline several
+    times: warm-up, then batches; cache state left over between calls would make images depend on call
+    order) and the images differ from `uncached` (else no step was served from the cache).
+    """
+    import numpy as np
+
+    with count_calls(probe) as calls:
+        images = generate_array(pipe, prompt, steps)
+    with count_calls(probe) as calls_again:
+        again = generate_array(pipe, prompt, steps)
+    assert calls_again[0] == calls[0]
+    np.testing.assert_allclose(again, images, atol=1e-6, rtol=0)
+    diff = np.abs(images - uncached)
+    assert diff.max() > 0, "the cache changed nothing: no step was served from it"
+    return calls[0], float(diff.mean())

@@ -12,9 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from dgrun.cli import main
 
 CORPUS = Path(__file__).parent / "bad_recipes"
 CASES = sorted(p.name for p in CORPUS.glob("*.yaml"))
@@ -37,22 +34,17 @@ def _expectation(path: Path) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def _invoke(args: list[str]) -> tuple[int, str]:
-    result = CliRunner().invoke(main.__globals__["app"], args)
-    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
-
-
 def _files(directory: Path) -> set[str]:
     return {str(p.relative_to(directory)) for p in directory.rglob("*")}
 
 
 @pytest.mark.parametrize("command", ["check", "run"])
 @pytest.mark.parametrize("name", CASES)
-def test_bad_recipe_is_reported_at_its_line(name, command, corpus_copy, monkeypatch):
+def test_bad_recipe_is_reported_at_its_line(name, command, corpus_copy, monkeypatch, invoke):
     monkeypatch.chdir(corpus_copy)
     location, text = _expectation(corpus_copy / name)
     before = _files(corpus_copy)
-    code, output = _invoke([command, name])
+    code, output = invoke([command, name])
     assert code == 2, output
     assert f"{location}:" in output, output
     assert text in output, output

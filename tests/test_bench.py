@@ -325,19 +325,55 @@ def test_adherence_is_scored_only_for_the_shapes_models():
     assert metrics.adherence("dgrun:tiny-sd", [(prompt, picture)]) is None
 
 
-def test_process_wide_switches_are_put_back_after_each_entry(monkeypatch):
+def test_steps_put_back_the_process_wide_switches_they_flipped():
     import torch
 
-    from dgrun.bench import process_state
+    from dgrun.optimizer import ApplyContext, Environment
+    from dgrun.steps.runtime import TF32, CudnnBenchmark
 
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    ctx = ApplyContext(env=Environment("cuda", "cuda", (9, 0)), model_kind=None)
     before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark)
-    with process_state():
-        torch.set_float32_matmul_precision("medium")
-        torch.backends.cudnn.benchmark = not before[1]
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    steps = [TF32(TF32.Params()), CudnnBenchmark(CudnnBenchmark.Params(enabled=not before[1]))]
+    for step in steps:
+        step.apply(None, ctx)
+    assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.benchmark != before[1]
+    for step in steps:
+        step.undo()
     assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark) == before
-    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
+def test_bench_puts_back_the_global_attention_backend_between_variants(tmp_path):
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    active_at_start = _AttentionBackendRegistry._active_backend
+    seen: dict[str, Any] = {}
+
+    class Watch(BenchObserver):
+        def pipeline_ready(self, result: dict[str, Any], pipe: Any) -> None:
+            seen[result["name"]] = _AttentionBackendRegistry._active_backend
+
+    data = recipe_data(
+        model={"id": "dgrun:tiny-flux"},
+        generate={"steps": 1},
+        prompts=["x"],
+        optimize=[],
+        variants=[
+            {"name": "math", "optimize": [{"attention_backend": {"backend": "_native_math"}}]},
+            {"name": "plain", "optimize": []},
+        ],
+    )
+    bench = Bench(
+        load_recipe(write_recipe(tmp_path, data)),
+        build_registry(),
+        BenchOptions(repeats=1, warmup=0, out=str(tmp_path / "o")),
+        Watch(),
+    )
+    bench.prepare()
+    bench.execute()
+    assert seen["math"] == AttentionBackendName("_native_math")
+    # The next, freshly loaded pipeline runs with the backend it would have had on its own.
+    assert seen["plain"] == active_at_start
+    assert _AttentionBackendRegistry._active_backend == active_at_start
 
 
 def test_a_bench_never_writes_into_a_directory_it_does_not_own(tmp_path):

@@ -5,22 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from dgrun import Optimizer, hookimpl
-from dgrun.cli import main
 from dgrun.errors import RecipeError
 from dgrun.testing import recipe_data, registered_plugin, run_recipe_data, write_recipe
 
-APP = main.__globals__["app"]
 
-
-def _invoke(args: list[str]) -> tuple[int, str]:
-    result = CliRunner().invoke(APP, args)
-    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
-
-
-def test_every_problem_of_a_file_comes_in_one_pass_step_parameters_included(tmp_path, monkeypatch):
+def test_every_problem_of_a_file_comes_in_one_pass_step_parameters_included(tmp_path, monkeypatch, invoke):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r.yaml").write_text(
         "dgrun: 1\nname: x\nmodel: {id: 'dgrun:tiny-sd'}\n"
@@ -28,7 +19,7 @@ def test_every_problem_of_a_file_comes_in_one_pass_step_parameters_included(tmp_
         "prompts: [x]\n"
         "optimize:\n  - vae_tiling: {auto_above: 2}\n  - compile: {inductor: {cpp.cxx: cc}}\n"
     )
-    code, output = _invoke(["check", "r.yaml"])
+    code, output = invoke(["check", "r.yaml"])
     assert code == 2
     for expected in ("r.yaml:4:", "not a finite number", "r.yaml:7:", "auto_above", "r.yaml:8:", "cpp.cxx"):
         assert expected in output, output
@@ -44,22 +35,22 @@ def test_every_problem_of_a_file_comes_in_one_pass_step_parameters_included(tmp_
         (["--optimize", "vae_tiling:auto_above=2"], "<--optimize vae_tiling:auto_above=2>"),
     ],
 )
-def test_flag_mistakes_point_at_the_flag(tmp_path, monkeypatch, flags, expected):
+def test_flag_mistakes_point_at_the_flag(tmp_path, monkeypatch, flags, expected, invoke):
     monkeypatch.chdir(tmp_path)
     write_recipe(tmp_path, recipe_data(), "r.yaml")
-    code, output = _invoke(["check", "r.yaml", *flags])
+    code, output = invoke(["check", "r.yaml", *flags])
     assert code == 2 and expected in output and "Traceback" not in output, output
     assert "r.yaml:" not in output.replace("r.yaml;", "")
 
 
-def test_a_bad_swept_value_fails_check_as_bench_would(tmp_path, monkeypatch):
+def test_a_bad_swept_value_fails_check_as_bench_would(tmp_path, monkeypatch, invoke):
     monkeypatch.chdir(tmp_path)
     data = recipe_data(
         optimize=["compile"], variants=[{"name": "modes", "sweep": {"compile.mode": ["default", "fastest"]}}]
     )
     write_recipe(tmp_path, data, "r.yaml")
     for command in ("check", "bench"):
-        code, output = _invoke([command, "r.yaml"])
+        code, output = invoke([command, "r.yaml"])
         assert code == 2 and "fastest" in output and "r.yaml:" in output, output
     assert not (tmp_path / "outputs").exists()
 

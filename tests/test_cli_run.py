@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 RECIPE = """\
 dgrun: 1
@@ -20,21 +16,9 @@ prompts: [one, two, three, four, five, six]
 """
 
 
-def _dgrun(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "COLUMNS": "120", "OMP_NUM_THREADS": "1"}  # no thread oversubscription
-    return subprocess.Popen(
-        [sys.executable, "-m", "dgrun", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def test_run_prints_progress_and_a_closing_table_and_writes_outputs(tmp_path):
+def test_run_prints_progress_and_a_closing_table_and_writes_outputs(tmp_path, start_dgrun):
     (tmp_path / "r.yaml").write_text(RECIPE.replace("three, four, five, six", "three"))
-    process = _dgrun("r.yaml", cwd=tmp_path)
+    process = start_dgrun(tmp_path, "r.yaml")
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     assert "generating" in stdout and "3/3" in stdout
@@ -44,10 +28,10 @@ def test_run_prints_progress_and_a_closing_table_and_writes_outputs(tmp_path):
     assert record["command"] == ["r.yaml"]
 
 
-def test_ctrl_c_exits_130_keeps_finished_images_and_resume_completes(tmp_path):
+def test_ctrl_c_exits_130_keeps_finished_images_and_resume_completes(tmp_path, start_dgrun):
     (tmp_path / "r.yaml").write_text(RECIPE)
     out = tmp_path / "outputs" / "cli-run"
-    process = _dgrun("r.yaml", cwd=tmp_path)
+    process = start_dgrun(tmp_path, "r.yaml")
     deadline = time.monotonic() + 240
     while not (out / "000-one.png").exists():
         assert process.poll() is None, process.communicate()
@@ -65,7 +49,7 @@ def test_ctrl_c_exits_130_keeps_finished_images_and_resume_completes(tmp_path):
     kept = {i["file"] for i in record["images"]}
     assert kept and kept == {p.name for p in out.glob("*.png")}
 
-    resumed = _dgrun("r.yaml", "--resume", cwd=tmp_path)
+    resumed = start_dgrun(tmp_path, "r.yaml", "--resume")
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     assert "resuming" in stdout

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -78,25 +77,18 @@ def _recipe(directory: Path, **changes) -> Path:
     return path
 
 
-def _start(directory: Path, site: Path, *args: str, **env_extra: str) -> subprocess.Popen:
-    marks = directory / "marks"
-    marks.mkdir(exist_ok=True)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(site),
-        "DGRUN_TEST_MARKS": str(marks),
-        "COLUMNS": "120",
-        "OMP_NUM_THREADS": "1",
-        **env_extra,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "dgrun", "r.yaml", *args],
-        cwd=directory,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture
+def start_with_plugin(plugin_site: Path, start_dgrun) -> Callable[..., subprocess.Popen]:
+    """`start_with_plugin(directory, *args, **env)`: `dgrun r.yaml ARGS` in `directory`, the slow plugin
+    installed; it leaves a file in `directory/marks` for each phase it reaches."""
+
+    def start(directory: Path, *args: str, **env_extra: str) -> subprocess.Popen:
+        marks = directory / "marks"
+        marks.mkdir(exist_ok=True)
+        env = {"PYTHONPATH": str(plugin_site), "DGRUN_TEST_MARKS": str(marks), **env_extra}
+        return start_dgrun(directory, "r.yaml", *args, **env)
+
+    return start
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -127,32 +119,32 @@ def _assert_clean(out: Path) -> dict:
 
 
 @pytest.mark.parametrize("phase", ["load", "apply"])
-def test_ctrl_c_during_load_or_apply(phase, tmp_path, plugin_site):
+def test_ctrl_c_during_load_or_apply(phase, tmp_path, start_with_plugin):
     _recipe(tmp_path)
     sleep = {"DGRUN_TEST_LOAD_SLEEP" if phase == "load" else "DGRUN_TEST_APPLY_SLEEP": "60"}
-    process = _start(tmp_path, plugin_site, **sleep)
+    process = start_with_plugin(tmp_path, **sleep)
     _wait_for(tmp_path / "marks" / phase, process)
     _interrupt(process)
     record = _assert_clean(tmp_path / "outputs" / "test")
     assert record["images"] == []
 
 
-def test_ctrl_c_mid_images_then_resume_is_byte_identical(tmp_path, plugin_site):
+def test_ctrl_c_mid_images_then_resume_is_byte_identical(tmp_path, start_with_plugin):
     clean_dir = tmp_path / "clean"
     clean_dir.mkdir()
     _recipe(clean_dir)
-    clean = _start(clean_dir, plugin_site)
+    clean = start_with_plugin(clean_dir)
     _, stderr = clean.communicate(timeout=300)
     assert clean.returncode == 0, stderr
 
     _recipe(tmp_path)
     out = tmp_path / "outputs" / "test"
-    process = _start(tmp_path, plugin_site)
+    process = start_with_plugin(tmp_path)
     _wait_for(out / "000-one.png", process)
     _interrupt(process)
     record = _assert_clean(out)
     assert 1 <= len(record["images"]) < 6
-    resumed = _start(tmp_path, plugin_site, "--resume")
+    resumed = start_with_plugin(tmp_path, "--resume")
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     expected = {p.name: p.read_bytes() for p in (clean_dir / "outputs" / "test").glob("*.png")}
@@ -160,10 +152,10 @@ def test_ctrl_c_mid_images_then_resume_is_byte_identical(tmp_path, plugin_site):
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
-def test_ctrl_c_during_compilation(tmp_path, plugin_site):
+def test_ctrl_c_during_compilation(tmp_path, start_with_plugin):
     _recipe(tmp_path, optimize=["compile"], generate={"steps": 4, "warmup": 1}, model={"id": "dgrun:tiny-sd"})
     out = tmp_path / "outputs" / "test"
-    process = _start(tmp_path, plugin_site)
+    process = start_with_plugin(tmp_path)
     deadline = time.monotonic() + 240
     while True:  # the plan records compile as applied just before the first (compiling) call
         assert process.poll() is None, process.communicate()
@@ -258,12 +250,12 @@ def test_out_of_memory_suggests_the_memory_steps_and_keeps_the_record(tmp_path):
     assert record["status"] == "failed" and "vae_tiling" in record["error"]
 
 
-def test_debug_flag_shows_the_traceback_of_a_failing_plugin(tmp_path, plugin_site):
+def test_debug_flag_shows_the_traceback_of_a_failing_plugin(tmp_path, plugin_site, start_with_plugin):
     plugin = plugin_site / "dgrun_slow_plugin.py"
     plugin.write_text(plugin.read_text().replace('_mark("apply")', "raise ValueError('broken apply')"))
     _recipe(tmp_path)
     for args, shows in (((), False), (("--debug",), True)):
-        process = _start(tmp_path, plugin_site, *args, "--overwrite")
+        process = start_with_plugin(tmp_path, *args, "--overwrite")
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 1
         assert "dgrun-slow-plugin" in stderr and "broken apply" in stderr

@@ -9,22 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from recipe_text import only
 
 from dgrun.errors import Problem, RecipeError
 from dgrun.loading import load_recipe
 from dgrun.models import static_model_info
 from dgrun.optimizer import ApplyContext, Environment, ModelKind, Optimizer
 from dgrun.planner import Plan, make_plan
-from dgrun.plugins import OptimizerInfo, Registry, build_registry
+from dgrun.plugins import OptimizerInfo, Registry
 
 CPU = Environment(device="cpu", device_kind="cpu")
 FLUX = "dgrun:tiny-flux"  # a transformer pipeline
 SD = "dgrun:tiny-sd"  # a UNet pipeline
-
-
-@pytest.fixture(scope="module")
-def registry() -> Registry:
-    return build_registry()
 
 
 class OtherCache(Optimizer):
@@ -80,11 +76,6 @@ def problems(registry: Registry, tmp_path: Path, steps: str, **kwargs: Any) -> l
         plan(registry, tmp_path, steps, **kwargs)
     assert info.value.problems
     return info.value.problems
-
-
-def only(found: list[Problem]) -> Problem:
-    assert len(found) == 1, "\n".join(map(str, found))
-    return found[0]
 
 
 def line_of(optimize: str, needle: str, model: str = FLUX, extra: str = "") -> int:

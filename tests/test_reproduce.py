@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from typer.testing import CliRunner
 from dgrun.cli import app
 from dgrun.records import PNG_CHUNK
 from dgrun.reproduce import Target, check_image, read_origin
-from dgrun.testing import run_recipe_data
+from dgrun.testing import recipe_data, run_recipe_data, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +107,47 @@ def test_files_that_are_not_dgrun_records_are_bad_input(tmp_path):
         result = _reproduce(str(tmp_path / path))
         assert result.exit_code == 2, result.output
     assert "no dgrun chunk" in " ".join(_reproduce(str(tmp_path / "plain.png")).output.split())
+
+
+def test_reproducing_a_png_remakes_only_that_image(run_dir, tmp_path):
+    png = sorted(run_dir.glob("*.png"))[1]
+    result = _reproduce(str(png), "--out", str(tmp_path / "one"))
+    assert result.exit_code == 0, result.output
+    made = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    # batch_size 2: the call that made it also made its batch neighbour, nothing more.
+    record = json.loads((tmp_path / "one" / "run.json").read_text())
+    assert png.name in made and len(record["images"]) == len(made) <= 2
+
+
+def _dgrun(directory: Path, *args: str, threads: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
+    return subprocess.run(
+        [sys.executable, "-m", "dgrun", *args],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores for a default thread count above 1")
+def test_a_one_thread_run_reproduces_exactly_with_default_threads(tmp_path):
+    prompts = [f"prompt {i}" for i in range(5)]
+    write_recipe(tmp_path, recipe_data(prompts=prompts, generate={"steps": 4}), "r.yaml")
+    first = _dgrun(tmp_path, "r.yaml", threads="1")
+    assert first.returncode == 0, first.stderr
+    record = json.loads((tmp_path / "outputs" / "test" / "run.json").read_text())
+    assert record["runtime"]["threads"] == 1
+    again = _dgrun(tmp_path, "reproduce", "outputs/test/run.json", "--out", "again", threads=None)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "reproduced: 5 of 5" in again.stdout
+    assert json.loads((tmp_path / "again" / "run.json").read_text())["runtime"]["threads"] == 1
+    forced = _dgrun(
+        tmp_path, "reproduce", "outputs/test/run.json", "--out", "forced", "--threads", "2", threads=None
+    )
+    assert json.loads((tmp_path / "forced" / "run.json").read_text())["runtime"]["threads"] == 2
+    if forced.returncode != 0:  # the thread count changed some bits: the report says which fact differs
+        assert "threads: 1 → 2" in forced.stdout

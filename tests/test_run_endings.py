@@ -26,17 +26,6 @@ from dgrun.testing import recipe_data, run_recipe_data, write_recipe
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
 
 
-def _dgrun(directory: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dgrun", *args],
-        cwd=directory,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _many_prompts(directory: Path, count: int = 40, steps: int = 6) -> Path:
     prompts = [f"prompt number {i}" for i in range(count)]
     return write_recipe(directory, recipe_data(prompts=prompts, generate={"steps": steps}), "r.yaml")
@@ -51,13 +40,13 @@ def _wait_for_images(out: Path, process: subprocess.Popen, count: int = 1, timeo
 
 
 # ------------------------------------------------------------------------------------------ the lock
-def test_a_second_run_into_a_held_directory_is_refused_naming_the_holder(tmp_path):
+def test_a_second_run_into_a_held_directory_is_refused_naming_the_holder(tmp_path, start_dgrun):
     _many_prompts(tmp_path, count=2, steps=1)
     out = tmp_path / "outputs" / "test"
     holder = OutputLock(out, ["dgrun", "r.yaml"])
     holder.acquire()
     try:
-        second = _dgrun(tmp_path, "r.yaml")
+        second = start_dgrun(tmp_path, "r.yaml")
         _, stderr = second.communicate(timeout=120)
     finally:
         holder.release()
@@ -65,18 +54,18 @@ def test_a_second_run_into_a_held_directory_is_refused_naming_the_holder(tmp_pat
     assert f"pid {os.getpid()}" in stderr and "started 20" in stderr and "in use" in stderr
     assert not list(out.glob("*.png")) and not (out / "run.json").exists()
     # Released: the same command now runs, and leaves no lock file behind.
-    third = _dgrun(tmp_path, "r.yaml")
+    third = start_dgrun(tmp_path, "r.yaml")
     _, stderr = third.communicate(timeout=120)
     assert third.returncode == 0, stderr
     assert not (out / LOCK_FILE).exists()
 
 
-def test_two_concurrent_runs_one_writes_the_other_is_refused(tmp_path):
+def test_two_concurrent_runs_one_writes_the_other_is_refused(tmp_path, start_dgrun):
     _many_prompts(tmp_path, count=400, steps=8)  # long enough to still run when the second one starts
     out = tmp_path / "outputs" / "test"
-    first = _dgrun(tmp_path, "r.yaml")
+    first = start_dgrun(tmp_path, "r.yaml")
     _wait_for_images(out, first)
-    second = _dgrun(tmp_path, "r.yaml", "--overwrite")
+    second = start_dgrun(tmp_path, "r.yaml", "--overwrite")
     _, second_err = second.communicate(timeout=120)
     assert second.returncode == 2 and "in use by another dgrun run" in second_err, second_err
     assert first.poll() is None, "the first run must still be running (make it longer)"
@@ -111,10 +100,10 @@ def test_a_lock_held_by_a_killed_process_is_not_stale(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- SIGTERM
-def test_sigterm_is_recorded_like_ctrl_c_and_resume_finishes(tmp_path):
+def test_sigterm_is_recorded_like_ctrl_c_and_resume_finishes(tmp_path, start_dgrun):
     _many_prompts(tmp_path)
     out = tmp_path / "outputs" / "test"
-    process = _dgrun(tmp_path, "r.yaml")
+    process = start_dgrun(tmp_path, "r.yaml")
     _wait_for_images(out, process)
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
@@ -126,7 +115,7 @@ def test_sigterm_is_recorded_like_ctrl_c_and_resume_finishes(tmp_path):
     assert record["status"] == "interrupted" and "SIGTERM" in record["error"]
     assert {i["file"] for i in record["images"]} == {p.name for p in out.glob("*.png")}
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
-    resumed = _dgrun(tmp_path, "r.yaml", "--resume")
+    resumed = start_dgrun(tmp_path, "r.yaml", "--resume")
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     assert len(json.loads((out / "run.json").read_text())["images"]) == 40

@@ -35,8 +35,11 @@ def test_run_writes_images_and_a_complete_record(tmp_path):
         "pipeline_class": "StableDiffusionPipeline",
     }
     assert [s["step"] for s in on_disk["plan"]] == ["tf32", "vae_slicing"]
-    assert on_disk["plan"][0]["status"] == "applied" and "no-op" in on_disk["plan"][0]["detail"]
-    assert on_disk["plan"][1]["status"] == "applied"
+    # Both ran, and their counters show they changed nothing here: recorded as such, not as `applied`.
+    tf32, slicing = on_disk["plan"]
+    assert tf32["status"] == "no effect" and "no-op" in tf32["detail"] and tf32["effect"]["no_effect"]
+    assert slicing["status"] == "no effect" and slicing["effect"]["decodes"] == 2
+    assert "one image" in slicing["effect"]["no_effect"]
     assert {"load_seconds", "apply_seconds", "warmup_seconds"} <= set(on_disk["timings"])
     assert on_disk["peak_memory"]["bytes"] > 0
     files = sorted(p.name for p in out.glob("*.png"))

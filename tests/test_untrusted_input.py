@@ -13,17 +13,8 @@ import zlib
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from dgrun.cli import main
 from dgrun.testing import recipe_data, run_recipe_data, write_recipe
-
-APP = main.__globals__["app"]
-
-
-def _invoke(args: list[str]) -> tuple[int, str]:
-    result = CliRunner().invoke(APP, args)
-    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
 
 
 def _trap(directory: Path) -> tuple[Path, Path]:
@@ -37,12 +28,12 @@ def _trap(directory: Path) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------- programs in recipes
 @pytest.mark.parametrize("command", ["check", "run"])
-def test_a_compiler_named_in_inductor_flags_never_runs(tmp_path, monkeypatch, command):
+def test_a_compiler_named_in_inductor_flags_never_runs(tmp_path, monkeypatch, command, invoke):
     script, marker = _trap(tmp_path)
     monkeypatch.chdir(tmp_path)
     flags = {"cpp.cxx": str(script), "trace.debug_dir": str(tmp_path / "dbg"), "trace.enabled": True}
     write_recipe(tmp_path, recipe_data(optimize=[{"compile": {"inductor": flags}}]))
-    code, output = _invoke([command, "recipe.yaml"])
+    code, output = invoke([command, "recipe.yaml"])
     assert code == 2, output
     assert "recipe.yaml:" in output and "cpp.cxx" in output and "trace.debug_dir" in output
     assert not marker.exists() and not (tmp_path / "dbg").exists()
@@ -63,13 +54,13 @@ def _png_with_chunk(path: Path, chunk: dict | bytes, compressed: bool = False) -
     Image.new("RGB", (1, 1)).save(path, format="PNG", pnginfo=info)
 
 
-def test_a_png_carrying_a_compiler_flag_is_refused_by_reproduce(tmp_path, monkeypatch):
+def test_a_png_carrying_a_compiler_flag_is_refused_by_reproduce(tmp_path, monkeypatch, invoke):
     script, marker = _trap(tmp_path)
     monkeypatch.chdir(tmp_path)
     recipe = recipe_data(optimize=[{"compile": {"params": {}, "inductor": {"cpp.cxx": str(script)}}}])
     recipe["optimize"] = [{"name": "compile", "params": {"inductor": {"cpp.cxx": str(script)}}}]
     _png_with_chunk(tmp_path / "shared.png", {"recipe": recipe, "prompt_index": 0, "image_index": 0})
-    code, output = _invoke(["reproduce", "shared.png"])
+    code, output = invoke(["reproduce", "shared.png"])
     assert code == 2, output
     assert "cpp.cxx" in output and "Traceback" not in output
     assert not marker.exists()
@@ -90,7 +81,7 @@ def _hostile_repository(directory: Path, script: Path) -> None:
         config.write(f'[core]\n\tfsmonitor = {script}\n[filter "evil"]\n\tclean = {script}\n')
 
 
-def test_reproduce_never_runs_git_where_a_record_points(tmp_path, monkeypatch):
+def test_reproduce_never_runs_git_where_a_record_points(tmp_path, monkeypatch, invoke):
     run_dir = tmp_path / "work"
     run_dir.mkdir()
     record = run_recipe_data(run_dir, {"generate": {"steps": 2}, "prompts": ["a red circle"]})
@@ -109,7 +100,7 @@ def test_reproduce_never_runs_git_where_a_record_points(tmp_path, monkeypatch):
     (hostile / data["images"][0]["file"]).write_bytes(png.read_bytes())
     monkeypatch.chdir(tmp_path)
     for target in (png, hostile / "run.json"):
-        code, output = _invoke(["reproduce", str(target), "--out", str(tmp_path / f"re-{target.suffix[1:]}")])
+        code, output = invoke(["reproduce", str(target), "--out", str(tmp_path / f"re-{target.suffix[1:]}")])
         assert code == 0, output
         new_record = json.loads((tmp_path / f"re-{target.suffix[1:]}" / "run.json").read_text())
         assert new_record["git"] is None
@@ -136,29 +127,29 @@ def _finishes(action, seconds: float = 20) -> None:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
-def test_recipe_paths_must_be_regular_files(tmp_path, monkeypatch, kind):
+def test_recipe_paths_must_be_regular_files(tmp_path, monkeypatch, kind, invoke):
     monkeypatch.chdir(tmp_path)
     target = {"fifo": tmp_path / "pipe.yaml", "device": Path("/dev/zero"), "directory": tmp_path}[kind]
     if kind == "fifo":
         os.mkfifo(target)
     results: list = []
-    _finishes(lambda: results.append(_invoke(["check", str(target)])))
+    _finishes(lambda: results.append(invoke(["check", str(target)])))
     code, output = results[0]
     assert code == 2 and "Traceback" not in output and f"{target}:1:1" in output
 
 
-def test_a_recipe_over_the_size_limit_is_refused(tmp_path, monkeypatch):
+def test_a_recipe_over_the_size_limit_is_refused(tmp_path, monkeypatch, invoke):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "big.yaml").write_text("# " + "x" * (2 << 20))
-    code, output = _invoke(["check", "big.yaml"])
+    code, output = invoke(["check", "big.yaml"])
     assert code == 2 and "larger than" in output
 
 
-def test_a_fifo_as_run_record_is_refused_by_reproduce(tmp_path, monkeypatch):
+def test_a_fifo_as_run_record_is_refused_by_reproduce(tmp_path, monkeypatch, invoke):
     monkeypatch.chdir(tmp_path)
     os.mkfifo(tmp_path / "run.json")
     results: list = []
-    _finishes(lambda: results.append(_invoke(["reproduce", "run.json"])))
+    _finishes(lambda: results.append(invoke(["reproduce", "run.json"])))
     assert results[0][0] == 2, results[0][1]
 
 
@@ -174,7 +165,7 @@ def test_a_fifo_as_run_record_is_refused_by_reproduce(tmp_path, monkeypatch):
         (lambda r: r.update(versions=["torch"]), "versions"),
     ],
 )
-def test_malformed_run_records_are_bad_input_naming_the_field(tmp_path, monkeypatch, change, field):
+def test_malformed_run_records_are_bad_input_naming_the_field(tmp_path, monkeypatch, change, field, invoke):
     monkeypatch.chdir(tmp_path)
     record = {
         "recipe": recipe_data(),
@@ -184,7 +175,7 @@ def test_malformed_run_records_are_bad_input_naming_the_field(tmp_path, monkeypa
     }
     change(record)
     (tmp_path / "run.json").write_text(json.dumps(record))
-    code, output = _invoke(["reproduce", "run.json"])
+    code, output = invoke(["reproduce", "run.json"])
     assert code == 2, output
     assert field in output and "Traceback" not in output and "internal error" not in output
 
@@ -196,24 +187,24 @@ def test_malformed_run_records_are_bad_input_naming_the_field(tmp_path, monkeypa
         ({"recipe": [1, 2]}, "recipe"),
     ],
 )
-def test_malformed_png_chunks_are_bad_input(tmp_path, monkeypatch, chunk, message):
+def test_malformed_png_chunks_are_bad_input(tmp_path, monkeypatch, chunk, message, invoke):
     monkeypatch.chdir(tmp_path)
     _png_with_chunk(tmp_path / "x.png", chunk)
-    code, output = _invoke(["reproduce", "x.png"])
+    code, output = invoke(["reproduce", "x.png"])
     assert code == 2 and message in output and "internal error" not in output, output
 
 
-def test_an_oversized_compressed_chunk_is_refused_without_unpacking_it(tmp_path, monkeypatch):
+def test_an_oversized_compressed_chunk_is_refused_without_unpacking_it(tmp_path, monkeypatch, invoke):
     monkeypatch.chdir(tmp_path)
     _png_with_chunk(tmp_path / "bomb.png", b"[" + b" " * (64 << 20) + b"]", compressed=True)
     assert (tmp_path / "bomb.png").stat().st_size < 1 << 20
-    code, output = _invoke(["reproduce", "bomb.png"])
+    code, output = invoke(["reproduce", "bomb.png"])
     assert code == 2, output
     assert "internal error" not in output and "Traceback" not in output
 
 
 # ------------------------------------------------------------------------------------------ extends
-def test_extends_reads_only_yaml_files_of_the_recipes_repository(tmp_path, monkeypatch):
+def test_extends_reads_only_yaml_files_of_the_recipes_repository(tmp_path, monkeypatch, invoke):
     project = tmp_path / "project"
     (project / "recipes").mkdir(parents=True)
     (tmp_path / "outside.yaml").write_text("name: secret-outside\n")
@@ -224,12 +215,12 @@ def test_extends_reads_only_yaml_files_of_the_recipes_repository(tmp_path, monke
         ("../notes.txt", "is not a .yaml or .yml file"),
     ]:
         (project / "recipes" / "r.yaml").write_text(f"extends: {target}\nprompts: [x]\n")
-        code, output = _invoke(["check", "recipes/r.yaml"])
+        code, output = invoke(["check", "recipes/r.yaml"])
         assert code == 2 and message in output, output
         assert "secret" not in output
 
 
-def test_a_git_work_tree_bounds_extends_from_nested_folders(tmp_path, monkeypatch):
+def test_a_git_work_tree_bounds_extends_from_nested_folders(tmp_path, monkeypatch, invoke):
     project = tmp_path / "project"
     (project / ".git").mkdir(parents=True)
     (project / "bases").mkdir()
@@ -239,17 +230,17 @@ def test_a_git_work_tree_bounds_extends_from_nested_folders(tmp_path, monkeypatc
         "extends: ../../bases/base.yaml\nname: nested\nprompts: [x]\n"
     )
     monkeypatch.chdir(project)
-    code, output = _invoke(["check", "recipes/deep/r.yaml"])
+    code, output = invoke(["check", "recipes/deep/r.yaml"])
     assert code == 0, output
 
 
-def test_a_base_files_values_are_never_echoed(tmp_path, monkeypatch):
+def test_a_base_files_values_are_never_echoed(tmp_path, monkeypatch, invoke):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "base.yaml").write_text(
         "dgrun: 1\nmodel: {id: 'dgrun:tiny-sd'}\ngenerate: {steps: 'sk-12345'}\n"
     )
     (tmp_path / "r.yaml").write_text("extends: base.yaml\nname: x\nprompts: [x]\ngenerate: {seed: 'mine'}\n")
-    code, output = _invoke(["check", "r.yaml"])
+    code, output = invoke(["check", "r.yaml"])
     assert code == 2
     assert "base.yaml:3" in output and "sk-12345" not in output
     assert "'mine'" in output  # the user's own file is quoted back as before

@@ -1,4 +1,4 @@
-"""The `dgrun` command line (DESIGN §4).
+"""The `dgrun` command line (docs/recipes.md, "Commands").
 
 Exit codes: 0 ok · 1 a run failed · 2 bad input (recipe, flags, paths) · 130 interrupted (SIGINT) ·
 143 terminated (SIGTERM).
@@ -14,10 +14,10 @@ from typing import Annotated
 import typer
 
 from dgrun import __version__
-from dgrun.cli import experiments, inspection, run  # noqa: F401 - importing registers the commands
+from dgrun.cli import experiments, inspection, run, serve, tune  # noqa: F401 - importing registers commands
 from dgrun.cli.common import app, out
 
-COMMANDS = ("run", "check", "steps", "plugins", "schema", "bench", "reproduce")
+COMMANDS = ("run", "check", "steps", "plugins", "schema", "bench", "reproduce", "serve", "tune")
 
 __all__ = ["COMMANDS", "app", "main"]
 

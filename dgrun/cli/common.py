@@ -39,7 +39,8 @@ OptimizeOption = Annotated[
         "--optimize",
         "-O",
         metavar="STEPS",
-        help="Replace the recipe's steps: 'deepcache:interval=2,branch_id=0,compile' (a,b:k=v,...).",
+        help="Replace the recipe's steps: 'deepcache:interval=2,branch_id=0,compile' (a,b:k=v,...); "
+        "'+compile' appends a step, '-vae_tiling' removes one (edits may be combined: '+tf32,-compile').",
     ),
 ]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")]
@@ -97,7 +98,7 @@ def guard(debug: bool, action: Any) -> Any:
 
 def load_recipe_args(recipe: Path, sets: list[str] | None, optimize: str | None, registry: Any) -> Any:
     """Load a recipe with the flags applied; on bad input every problem of the file, steps included."""
-    from dgrun.planner import load_checked
+    from dgrun.checking import load_checked
 
     return load_checked(recipe, sets or [], optimize, registry)
 
@@ -108,6 +109,8 @@ def warn_broken_plugins(registry: Any) -> None:
             f"[yellow]warning: plugin {escape(plugin.distribution)} ({plugin.name}) "
             f"{escape(plugin.error or '')}[/yellow]"
         )
+    if registry.filter_note and "no installed plugin" in registry.filter_note:
+        err.print(f"[yellow]warning: {escape(registry.filter_note)}[/yellow]")
 
 
 def wide_console() -> Console:

@@ -29,6 +29,7 @@ from dgrun.cli.common import (
     wide_console,
 )
 from dgrun.errors import Terminated
+from dgrun.machine import WAIT_SAMPLE_SECONDS, choose_wait_policy
 
 TrustOption = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow model.trust_remote_code: true to take effect.")
@@ -59,7 +60,7 @@ class LiveTable:
                 console.line()  # rich leaves the last table line unterminated off a terminal
 
     def render(self) -> Table:
-        from dgrun.report import columns, row
+        from dgrun.report_table import columns, row
 
         table = Table(title="dgrun bench", title_justify="left")
         shown = columns(self.results)
@@ -140,7 +141,15 @@ def bench(
     loaded = guard(debug, lambda: load_recipe_args(recipe, set_, optimize, registry))
     from dgrun.bench import Bench, BenchOptions
 
-    options = BenchOptions(repeats, warmup, out_dir, overwrite, trust_remote_code, argv=sys.argv[1:])
+    options = BenchOptions(
+        repeats,
+        warmup,
+        out_dir,
+        overwrite,
+        trust_remote_code,
+        argv=sys.argv[1:],
+        wait_policy=choose_wait_policy(WAIT_SAMPLE_SECONDS),
+    )
     live = LiveTable()
     runner = guard(debug, lambda: Bench(loaded, registry, options, live))
     guard(debug, runner.prepare)
@@ -186,9 +195,16 @@ def reproduce(
         typer.Option("--out", help="New directory for the re-run (default: output.dir-reproduce)."),
     ] = None,
     trust_remote_code: TrustOption = False,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="CPU threads for the re-run (default: the recorded count)."),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
-    """Re-run a recorded experiment and compare its images; exit 0 if they match, 1 on drift."""
+    """Re-run a recorded experiment and compare its images; exit 0 if they match, 1 on drift.
+
+    From a PNG only the call that made that image runs again. The recorded CPU thread count is used again
+    (CPU images depend on it); on drift the runtime facts that differ are listed with the versions."""
     from dgrun.cli.run import RichObserver
     from dgrun.plugins import build_registry
     from dgrun.reproduce import read_origin
@@ -197,6 +213,7 @@ def reproduce(
     registry = guard(debug, build_registry)
     warn_broken_plugins(registry)
     origin = guard(debug, lambda: read_origin(source))
+    policy = choose_wait_policy(WAIT_SAMPLE_SECONDS)
     count = len(origin.targets)
     out.print(
         f"reproducing [bold]{escape(str(origin.recipe.get('name')))}[/bold] from {escape(str(source))} "
@@ -207,7 +224,15 @@ def reproduce(
     def execute() -> Any:
         try:
             return run_reproduction(
-                source, registry, out_dir, tolerance, trust_remote_code, sys.argv[1:], observer
+                source,
+                registry,
+                out_dir,
+                tolerance,
+                trust_remote_code,
+                sys.argv[1:],
+                observer,
+                threads=threads,
+                wait_policy=policy,
             )
         finally:
             observer.close()
@@ -241,6 +266,12 @@ def _print_reproduction(result: Any, tolerance: float | None) -> None:
             out.print(f"  {escape(name)}: {escape(recorded)} → {escape(current)}")
     else:
         out.print("versions: same as recorded")
+    if result.runtime_changes:
+        out.print("runtime that differs from the record:")
+        for change in result.runtime_changes:
+            out.print(f"  {escape(change)}")
+    elif not result.reproduced:
+        out.print("runtime: same as recorded")
     for note in result.notes:
         out.print(f"[yellow]note:[/yellow] {escape(note)}")
     passed = sum(check.passed for check in result.images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.table import Table
 
 from dgrun.cli.common import (
     EXIT_BAD_INPUT,
+    EXIT_RUN_FAILED,
     DebugOption,
     OptimizeOption,
     SetOption,
@@ -34,7 +36,6 @@ def print_plan(loaded: Any, registry: Any, explain: bool) -> list[Any]:
     from dgrun.optimizer import Environment
     from dgrun.planner import plan_recipe
 
-    registry.check_consistent()
     recipe = loaded.recipe
     env = Environment.guess(recipe.model.device)
     plan = plan_recipe(loaded, registry, env)
@@ -81,34 +82,85 @@ def check(
 
 
 @app.command()
-def steps() -> None:
-    """Every installed optimization step: stage, providing package, and whether it can run here."""
+def steps(
+    name: Annotated[
+        str | None, typer.Argument(help="A step name: show its parameters and rules.", show_default=False)
+    ] = None,
+) -> None:
+    """Every installed optimization step: stage, providing package, and whether it can run here.
+
+    With a NAME: that step's summary, stage, rules, requirements and every parameter (type, default, range,
+    description)."""
     from dgrun.optimizer import Environment
     from dgrun.plugins import build_registry
 
     registry = build_registry()
     warn_broken_plugins(registry)
     env = Environment.guess()
+    if name is not None:
+        _describe_step(name, registry, env)
+        return
     table = Table()
     for column in ("step", "stage", "applies to", "package"):
         table.add_column(column, no_wrap=True)
     table.add_column("available here")
     table.add_column("summary")
-    for name, info in sorted(registry.optimizers.items()):
+    for step_name, info in sorted(registry.optimizers.items()):
         reason = info.cls.unavailable_reason(env)
         kinds = "any" if len(info.cls.applies_to) > 1 else next(iter(info.cls.applies_to)).value
         available = "[green]yes[/green]" if reason is None else f"[yellow]no[/yellow] ({escape(reason)})"
         table.add_row(
-            name, info.cls.stage.value, kinds, escape(info.package), available, escape(info.cls.summary)
+            step_name, info.cls.stage.value, kinds, escape(info.package), available, escape(info.cls.summary)
         )
     wide_console().print(table)
-    for clash in registry.clashes:
-        err.print(f"[red]{escape(clash)}[/red]")
+    for problem in registry.problems():
+        err.print(f"[red]{escape(problem)}[/red]")
+
+
+def _describe_step(name: str, registry: Any, env: Any) -> None:
+    import difflib
+
+    from dgrun.schema import describe_params
+
+    info = registry.get(name)
+    if info is None:
+        clash = registry.clash_message(name)
+        close = difflib.get_close_matches(name, list(registry.optimizers), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; `dgrun steps` lists them"
+        fail(EXIT_BAD_INPUT, f"error: {clash or f'no step {name!r} is installed{hint}'}")
+    cls = info.cls
+    out.print(f"[bold]{escape(name)}[/bold] — {escape(cls.summary or '')}")
+    out.print(f"  package: {escape(info.package)} · stage: {cls.stage.value}")
+    kinds = ", ".join(sorted(k.value for k in cls.applies_to))
+    out.print(f"  applies to: {kinds} pipelines")
+    rules = {"tags": cls.tags, "conflicts": cls.conflicts, "after": cls.after, "before": cls.before}
+    for label, names in rules.items():
+        if names:
+            out.print(f"  {label}: {escape(', '.join(sorted(names)))}")
+    requirements = [*cls.requires_packages, *(f"device {d}" for d in sorted(cls.requires_devices))]
+    if requirements:
+        out.print(f"  requires: {escape(', '.join(requirements))}")
+    reason = cls.unavailable_reason(env)
+    out.print(f"  available here: {'yes' if reason is None else escape('no (' + reason + ')')}")
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    if doc:
+        out.print(f"\n{escape(doc)}\n")
+    for title, rows in describe_params(name, registry):
+        if not rows:
+            out.print("  parameters: none")
+            continue
+        table = Table(title=title, title_justify="left")
+        for column in ("parameter", "type", "default", "range", "description"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(escape(cell) for cell in row))
+        wide_console().print(table)
 
 
 @app.command()
 def plugins() -> None:
-    """Installed plugin packages, their versions and the steps each provides."""
+    """Installed plugin packages, their versions and the steps each provides; exit 1 if one is broken or two
+    provide the same step."""
     from dgrun.plugins import build_registry
 
     registry = build_registry()
@@ -116,19 +168,34 @@ def plugins() -> None:
     for column in ("plugin", "distribution", "version", "steps", "status"):
         table.add_column(column)
     for plugin in registry.plugins:
-        status = "[green]ok[/green]" if plugin.error is None else f"[red]{escape(plugin.error)}[/red]"
+        clashing = {
+            step
+            for step, providers in registry.clashes.items()
+            if any((p.plugin, p.distribution) == (plugin.name, plugin.distribution) for p in providers)
+        }
+        if plugin.error is not None:
+            status = f"[red]{escape(plugin.error)}[/red]"
+        elif clashing:
+            status = f"[red]clash: {escape(', '.join(sorted(set(clashing))))}[/red]"
+        else:
+            status = "[green]ok[/green]"
+        if plugin.warnings:
+            status += "".join(f"\n[yellow]{escape(w)}[/yellow]" for w in plugin.warnings)
         table.add_row(plugin.name, plugin.distribution, plugin.version, ", ".join(plugin.optimizers), status)
     wide_console().print(table)
-    for clash in registry.clashes:
-        err.print(f"[red]{escape(clash)}[/red]")
+    if registry.filter_note:
+        out.print(escape(registry.filter_note))
+    problems = registry.problems()
+    for problem in problems:
+        err.print(f"[red]{escape(problem)}[/red]")
+    if problems:
+        raise typer.Exit(EXIT_RUN_FAILED)
 
 
 @app.command()
 def schema() -> None:
-    """Print the JSON Schema of the recipe format (for editors and CI validation)."""
-    from dgrun.recipe import Recipe
+    """Print the JSON Schema of the recipe format with every installed step's parameters (for editors)."""
+    from dgrun.plugins import build_registry
+    from dgrun.schema import recipe_schema
 
-    document = Recipe.model_json_schema()
-    document["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    document["title"] = "dgrun recipe (format 1)"
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    sys.stdout.write(json.dumps(recipe_schema(build_registry()), indent=2) + "\n")

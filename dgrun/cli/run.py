@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +22,7 @@ from dgrun.cli.common import (
     warn_broken_plugins,
 )
 from dgrun.cli.inspection import print_plan
+from dgrun.machine import WAIT_SAMPLE_SECONDS, choose_wait_policy
 
 
 class RichObserver:
@@ -85,8 +87,8 @@ def _summary(record: dict[str, Any], out_dir: Path) -> None:
         images.add_row(f"… {len(record['images']) - len(shown)} more", "", "")
     out.print(images)
     timings = record["timings"]
-    seconds = sorted(i["seconds"] for i in record["images"])
-    median = seconds[len(seconds) // 2] if seconds else 0.0
+    seconds = [i["seconds"] for i in record["images"]]
+    median = statistics.median(seconds) if seconds else 0.0
     out.print(
         f"load {timings['load_seconds']:.2f}s · apply {timings['apply_seconds']:.2f}s · "
         f"warmup {timings['warmup_seconds']:.2f}s · median {median:.3f}s/image · "
@@ -128,7 +130,8 @@ def run(
     from dgrun.distributed import launch_rank
     from dgrun.runner import Run, RunObserver, RunOptions
 
-    options = RunOptions(out_dir, overwrite, resume, trust_remote_code, argv=sys.argv[1:])
+    policy = choose_wait_policy(WAIT_SAMPLE_SECONDS)  # before torch loads
+    options = RunOptions(out_dir, overwrite, resume, trust_remote_code, argv=sys.argv[1:], wait_policy=policy)
     # Under torchrun / accelerate launch only rank 0 shows progress; the other ranks work silently.
     main_rank = launch_rank() == 0
     observer = RichObserver() if main_rank else RunObserver()

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dgrun.machine import choose_wait_policy
 from dgrun.models import architecture as arch
 from dgrun.models import shapes
 from dgrun.models.trainkit import (
@@ -32,7 +33,6 @@ from dgrun.models.trainkit import (
     Console,
     Ema,
     PadBiasJointAttention,
-    choose_wait_policy,
     due,
     optimize,
 )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -117,50 +115,6 @@ class Console:
             self.print(
                 f"{current.description} {current.completed:.0f}/{current.total:.0f} {elapsed:.0f} s {info}"
             )
-
-
-def busy_cores(seconds: float = 1.0) -> float | None:
-    """Cores other processes keep busy right now (this process sleeps while measuring); None off Linux.
-
-    /proc/stat over one second, not the load average: a pip install that ended a minute ago still
-    lifts the 1-minute load average above 1 on an idle machine.
-    """
-
-    def sample() -> tuple[int, int, int]:
-        lines = Path("/proc/stat").read_text().splitlines()
-        fields = [int(v) for v in lines[0].split()[1:]]
-        cores = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
-        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0), cores  # total, idle + iowait
-
-    try:
-        total_0, idle_0, cores = sample()
-        time.sleep(seconds)
-        total_1, idle_1, _ = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    elapsed = total_1 - total_0
-    # The first line sums the cores /proc/stat lists, which a container may show more of than it may use.
-    return 0.0 if elapsed <= 0 else (1 - (idle_1 - idle_0) / elapsed) * max(1, cores)
-
-
-def choose_wait_policy() -> str:
-    """Passive OpenMP waiting when other processes keep the cores busy; must run before torch loads.
-
-    Measured on 2 cores: with other jobs running, spin-waiting threads made training steps ~3–4× slower
-    than passive ones; on an idle machine spinning is 1.2–1.6× faster (UNet 0.189 vs 0.302 s/step). The
-    math, and so the weights, are the same either way. An OMP_WAIT_POLICY set by the user is left alone.
-    """
-    if "OMP_WAIT_POLICY" in os.environ:
-        return f"{os.environ['OMP_WAIT_POLICY']} (from the environment)"
-    if "torch" in sys.modules:
-        return "unchanged (torch already loaded)"
-    busy = busy_cores()
-    if busy is None:
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if busy < 0.5:
-        return f"default: spin ({busy:.1f} cores busy with other work at start)"
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    return f"PASSIVE ({busy:.1f} cores busy with other work at start)"
 
 
 def optimize(optimizer: Any, loss: Any, lr: float) -> None:

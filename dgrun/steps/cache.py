@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dgrun.optimizer import TAG_CACHE, TAG_REWRITES_MODULES, ApplyContext, ModelKind, Optimizer, StepParams
+from dgrun.effects import SkipWatch
+from dgrun.hookspecs import hookimpl
+from dgrun.optimizer import (
+    TAG_CACHE,
+    TAG_REWRITES_MODULES,
+    ApplyContext,
+    ModelKind,
+    Optimizer,
+    P,
+    StepEffect,
+    StepParams,
+)
 from dgrun.steps.cache_context import add_cache_support, needs_cache_support, timestep_callback
 from dgrun.steps.denoiser import denoiser_name
 
@@ -49,7 +61,7 @@ def _raised_in(error: BaseException, hook_module: str) -> bool:
     return False
 
 
-class DiffusersCache(Optimizer):
+class DiffusersCache(Optimizer[P]):
     """Shared shape of the diffusers caches: rules, `enable_cache` on the denoiser, recovery.
 
     If the first pipeline call fails inside this cache's diffusers hooks (e.g. a model layout diffusers'
@@ -61,10 +73,14 @@ class DiffusersCache(Optimizer):
     after = frozenset({"fuse_qkv"})
     applies_to = frozenset({ModelKind.TRANSFORMER})
     hook_module: ClassVar[str]  # the diffusers.hooks module whose frames identify this cache's failures
+    # What the cache saves work on, for the effect counters: whole blocks (the last one is watched) or
+    # attention (the first block's attention is watched).
+    skips: ClassVar[str] = "blocks"
 
     def __init__(self, params: StepParams):
         super().__init__(params)
         self.module: Any = None
+        self.watch: SkipWatch | None = None
 
     def build_config(self, pipe: Any, module: Any, ctx: ApplyContext) -> Any:
         """The diffusers config object for this step."""
@@ -81,11 +97,18 @@ class DiffusersCache(Optimizer):
             add_cache_support(module)
         module.enable_cache(self.build_config(pipe, module, ctx))
         self.module = module
+        self.watch = _skip_watch(module, self.skips)
         detail = self.describe()
         if adapted:
             note = f"cache context opened per {type(module).__name__} call by dgrun"
             detail = f"{detail}; {note}" if detail else note
         return detail
+
+    def effect(self, pipe: Any) -> StepEffect | None:
+        if self.watch is None:
+            return None
+        watch, self.watch = self.watch, None
+        return watch.effect()
 
     def recover(self, pipe: Any, error: BaseException) -> str | None:
         if self.module is None or not _raised_in(error, self.hook_module):
@@ -94,6 +117,29 @@ class DiffusersCache(Optimizer):
         self.module = None
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return f"disabled: the cache failed on the first call ({type(error).__name__}: {first_line[:200]})"
+
+
+def transformer_blocks(module: Any) -> list[Any]:
+    """The transformer's blocks in order (every `*blocks` ModuleList: FLUX has two kinds)."""
+    import torch
+
+    return [
+        block
+        for name, child in module.named_children()
+        if name.endswith("blocks") and isinstance(child, torch.nn.ModuleList)
+        for block in child
+    ]
+
+
+def _skip_watch(module: Any, skips: str) -> SkipWatch | None:
+    blocks = transformer_blocks(module)
+    if not blocks:
+        return None
+    if skips == "attention":
+        attention = getattr(blocks[0], "attn", None)
+        if attention is not None:
+            return SkipWatch(module, attention, "first block's attention")
+    return SkipWatch(module, blocks[-1], "last block")
 
 
 # ------------------------------------------------------------------------------------ first block cache
@@ -106,7 +152,7 @@ class FirstBlockCacheParams(StepParams):
     )
 
 
-class FirstBlockCache(DiffusersCache):
+class FirstBlockCache(DiffusersCache[FirstBlockCacheParams]):
     """Skip the transformer's later blocks on steps where its first block's output barely changed."""
 
     name = "first_block_cache"
@@ -125,15 +171,9 @@ class FirstBlockCache(DiffusersCache):
         return None
 
     def build_config(self, pipe: Any, module: Any, ctx: ApplyContext) -> Any:
-        import torch
         from diffusers.hooks import FirstBlockCacheConfig
 
-        blocks = [
-            block
-            for name, child in module.named_children()
-            if name.endswith("blocks") and isinstance(child, torch.nn.ModuleList)
-            for block in child
-        ]
+        blocks = transformer_blocks(module)
         if blocks and getattr(blocks[-1], "context_pre_only", False):
             # diffusers 0.42 subtracts the last block's encoder output, which such a block returns as None.
             raise RuntimeError(
@@ -185,10 +225,11 @@ class PabParams(StepParams):
         return self
 
 
-class PyramidAttentionBroadcast(DiffusersCache):
+class PyramidAttentionBroadcast(DiffusersCache[PabParams]):
     """Reuse attention outputs across neighbouring steps in the middle of the schedule (PAB)."""
 
     name = "pab"
+    skips = "attention"
     summary = "diffusers Pyramid Attention Broadcast: reuse attention outputs between steps"
     Params = PabParams
     hook_module = "pyramid_attention_broadcast"
@@ -257,10 +298,11 @@ class FasterCacheParams(StepParams):
     )(_check_patterns)
 
 
-class FasterCache(DiffusersCache):
+class FasterCache(DiffusersCache[FasterCacheParams]):
     """Reuse attention outputs between steps and approximate the CFG branch from the conditional one."""
 
     name = "faster_cache"
+    skips = "attention"
     summary = "diffusers FasterCache: reuse attention and approximate the unconditional branch"
     Params = FasterCacheParams
     hook_module = "faster_cache"
@@ -332,10 +374,11 @@ class TaylorSeerParams(StepParams):
         return self
 
 
-class TaylorSeer(DiffusersCache):
+class TaylorSeer(DiffusersCache[TaylorSeerParams]):
     """Predict module outputs on skipped steps from a Taylor expansion of their recent history."""
 
     name = "taylor_seer"
+    skips = "attention"
     summary = "diffusers TaylorSeer: predict skipped steps' features by Taylor extrapolation"
     Params = TaylorSeerParams
     hook_module = "taylorseer_cache"
@@ -359,9 +402,9 @@ class TaylorSeer(DiffusersCache):
         )
 
 
-OPTIMIZERS: tuple[type[Optimizer], ...] = (
-    FirstBlockCache,
-    PyramidAttentionBroadcast,
-    FasterCache,
-    TaylorSeer,
-)
+@hookimpl
+def dgrun_register_optimizers(register: Callable[[type], None]) -> None:
+    register(FirstBlockCache)
+    register(PyramidAttentionBroadcast)
+    register(FasterCache)
+    register(TaylorSeer)

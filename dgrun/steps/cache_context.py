@@ -38,8 +38,11 @@ def add_cache_support(module: Any) -> None:
     module.__class__ = type(cls.__name__, (cls, CacheMixin), namespace)
     module._dgrun_last_timestep = None
     module._dgrun_open_context = None
-    module.register_forward_pre_hook(_open_context, with_kwargs=True)
-    module.register_forward_hook(_close_context, always_call=True)
+    import torch
+
+    # Kept out of torch.compile's graphs: reading the timestep as a Python float would break the graph.
+    module.register_forward_pre_hook(torch.compiler.disable(_open_context), with_kwargs=True)
+    module.register_forward_hook(torch.compiler.disable(_close_context), always_call=True)
 
 
 def last_timestep(module: Any) -> float | None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from dgrun.optimizer import ApplyContext, Optimizer, StepParams
+from dgrun.hookspecs import hookimpl
+from dgrun.optimizer import ApplyContext, StepParams
 from dgrun.steps.cache import DiffusersCache
 
 
@@ -46,7 +48,7 @@ class MagCacheParams(StepParams):
         return self
 
 
-class MagCache(DiffusersCache):
+class MagCache(DiffusersCache[MagCacheParams]):
     """Skip steps while the residual's magnitude ratio, accumulated from calibrated ratios, stays near 1.
 
     The ratios depend on the checkpoint and schedule, so they are given or calibrated (never guessed), and
@@ -155,4 +157,6 @@ class MagCache(DiffusersCache):
         return message
 
 
-OPTIMIZERS: tuple[type[Optimizer], ...] = (MagCache,)
+@hookimpl
+def dgrun_register_optimizers(register: Callable[[type], None]) -> None:
+    register(MagCache)

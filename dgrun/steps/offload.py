@@ -2,7 +2,7 @@
 
 All three steps set `places_modules`, so the runner loads the pipeline on the CPU and leaves the device
 placement to them. Rules they share, and why:
-- they exclude each other (seed 001/002 compatibility tables: CPU offload ✗ sequential offload ✗ group
+- they exclude each other (the compatibility table in docs/steps.md: CPU offload ✗ sequential offload ✗ group
   offloading; diffusers also refuses model/sequential offload on a group-offloaded pipeline);
 - they come after every step that changes how weights are stored or which layers exist (`after`), since
   the reverse order fails or silently undoes that step: sequential offload keeps the real weights in its
@@ -17,11 +17,14 @@ placement to them. Rules they share, and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field
 
+from dgrun.hookspecs import hookimpl
 from dgrun.optimizer import (
+    TAG_CHANGES_WEIGHTS,
     TAG_OFFLOAD,
     TAG_REWRITES_MODULES,
     ApplyContext,
@@ -29,12 +32,12 @@ from dgrun.optimizer import (
     Environment,
     NoParams,
     Optimizer,
+    StepEffect,
     StepParams,
 )
 
 ACCELERATORS = frozenset({"cuda", "xpu", "mps"})
 STREAM_DEVICES = frozenset({"cuda", "xpu"})
-_WEIGHT_STEPS = frozenset({"quantize", "fuse_qkv", "layerwise_casting", "channels_last"})
 
 
 def module_components(pipe: Any) -> dict[str, Any]:
@@ -44,12 +47,25 @@ def module_components(pipe: Any) -> dict[str, Any]:
     return {n: c for n, c in getattr(pipe, "components", {}).items() if isinstance(c, torch.nn.Module)}
 
 
-class _AcceleratorOffload(Optimizer):
+def hooked_modules(pipe: Any, hook: str) -> int:
+    """Modules carrying a diffusers hook named `hook`, or (hook="accelerate") an accelerate `_hf_hook`."""
+    count = 0
+    for component in module_components(pipe).values():
+        for module in component.modules():
+            if hook == "accelerate":
+                count += hasattr(module, "_hf_hook")
+            else:
+                registry = getattr(module, "_diffusers_hook", None)
+                count += registry is not None and registry.get_hook(hook) is not None
+    return count
+
+
+class _AcceleratorOffload(Optimizer[NoParams]):
     """Shared gate: accelerate's offload hooks move weights to an accelerator, so they need one."""
 
     tags = frozenset({TAG_OFFLOAD, TAG_REWRITES_MODULES})
     conflicts = frozenset({"#" + TAG_OFFLOAD})
-    after = _WEIGHT_STEPS
+    after = frozenset({"#" + TAG_CHANGES_WEIGHTS})
     places_modules = True
     Params = NoParams
 
@@ -58,6 +74,13 @@ class _AcceleratorOffload(Optimizer):
         if env.device_kind not in ACCELERATORS:
             return f"needs an accelerator (CUDA, XPU or MPS) to offload to; this run uses {env.device_kind}"
         return None
+
+    def effect(self, pipe: Any) -> StepEffect | None:
+        hooked = hooked_modules(pipe, "accelerate")
+        counters = {"modules_with_offload_hooks": hooked}
+        if hooked == 0:
+            return StepEffect(counters, "no offload hooks", no_effect="no module got an offload hook")
+        return StepEffect(counters, f"{hooked} modules move between the CPU and the device")
 
 
 class CpuOffload(_AcceleratorOffload):
@@ -96,7 +119,7 @@ class GroupOffloadingParams(StepParams):
     components: ComponentNames | None = Field(None, description="default: every torch-module component")
 
 
-class GroupOffloading(Optimizer):
+class GroupOffloading(Optimizer[GroupOffloadingParams]):
     """diffusers group offloading: groups of blocks (or leaf layers) move on and off the device as needed.
 
     Between model and sequential offloading in memory and speed; with `use_stream` the next group is
@@ -109,7 +132,7 @@ class GroupOffloading(Optimizer):
     Params = GroupOffloadingParams
     tags = frozenset({TAG_OFFLOAD, TAG_REWRITES_MODULES})
     conflicts = frozenset({"#" + TAG_OFFLOAD})
-    after = _WEIGHT_STEPS
+    after = frozenset({"#" + TAG_CHANGES_WEIGHTS})
     places_modules = True
 
     @classmethod
@@ -149,6 +172,9 @@ class GroupOffloading(Optimizer):
             use_stream=params.use_stream,
             exclude_modules=[n for n in available if n not in targets],
         )
+        if params.use_stream:
+            per_group = 1  # diffusers moves one block at a time when prefetching on a stream
+        self.onload = onload
         level = f"block_level ({per_group} block{'s' if per_group > 1 else ''} per group)"
         if not block_level:
             level = "leaf_level"
@@ -159,5 +185,21 @@ class GroupOffloading(Optimizer):
             detail += " (a CPU run: hooks installed, nothing moves)"
         return detail
 
+    def effect(self, pipe: Any) -> StepEffect | None:
+        hooked = hooked_modules(pipe, "group_offloading")
+        counters = {"modules_with_offload_hooks": hooked}
+        summary = f"{hooked} modules with group offloading hooks"
+        if hooked == 0:
+            return StepEffect(counters, summary, no_effect="no module got a group offloading hook")
+        if getattr(self, "onload", None) is not None and self.onload.type == "cpu":
+            return StepEffect(
+                counters, summary, no_effect="a CPU run: onload and offload device are the same"
+            )
+        return StepEffect(counters, summary)
 
-OPTIMIZERS: tuple[type[Optimizer], ...] = (CpuOffload, SequentialCpuOffload, GroupOffloading)
+
+@hookimpl
+def dgrun_register_optimizers(register: Callable[[type], None]) -> None:
+    register(CpuOffload)
+    register(SequentialCpuOffload)
+    register(GroupOffloading)

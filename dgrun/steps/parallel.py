@@ -14,12 +14,14 @@ Rules, and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from dgrun.distributed import Distributed
 from dgrun.errors import UsageError
+from dgrun.hookspecs import hookimpl
 from dgrun.optimizer import (
     TAG_OFFLOAD,
     TAG_PARALLEL,
@@ -45,7 +47,7 @@ class ContextParallelParams(StepParams):
         return self
 
 
-class ContextParallel(Optimizer):
+class ContextParallel(Optimizer[ContextParallelParams]):
     """Split each image's attention sequence over ulysses_degree × ring_degree GPUs (one launch)."""
 
     name = "context_parallel"
@@ -82,7 +84,7 @@ class ContextParallel(Optimizer):
     def apply(self, pipe: Any, ctx: ApplyContext) -> str:
         from diffusers import ContextParallelConfig
 
-        params: ContextParallelParams = self.params  # type: ignore[assignment]
+        params = self.params
         names = params.components or ["transformer"]
         config = ContextParallelConfig(ulysses_degree=params.ulysses_degree, ring_degree=params.ring_degree)
         for name in names:
@@ -99,4 +101,6 @@ def _degree(params: StepParams | None) -> int:
     return params.ulysses_degree * params.ring_degree
 
 
-OPTIMIZERS = (ContextParallel,)
+@hookimpl
+def dgrun_register_optimizers(register: Callable[[type], None]) -> None:
+    register(ContextParallel)

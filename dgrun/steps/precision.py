@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field
 
-from dgrun.optimizer import TAG_REWRITES_MODULES, ApplyContext, ComponentNames, Optimizer, StepParams
+from dgrun.hookspecs import hookimpl
+from dgrun.optimizer import (
+    TAG_CHANGES_WEIGHTS,
+    TAG_REWRITES_MODULES,
+    ApplyContext,
+    ComponentNames,
+    Optimizer,
+    StepEffect,
+    StepParams,
+)
 from dgrun.steps.denoiser import components, denoiser_name
 
 DTYPE_NAMES = Literal["float32", "float16", "bfloat16"]
@@ -22,7 +32,7 @@ class LayerwiseCastingParams(StepParams):
     components: ComponentNames | None = Field(None, description="default: the denoiser")
 
 
-class LayerwiseCasting(Optimizer):
+class LayerwiseCasting(Optimizer[LayerwiseCastingParams]):
     """Store weights in fp8 and upcast each layer just for its forward: about half the weight memory of
     bf16 at a small quality cost (diffusers keeps norms and embeddings in full precision).
 
@@ -35,8 +45,23 @@ class LayerwiseCasting(Optimizer):
     name = "layerwise_casting"
     summary = "weights stored in fp8, upcast per layer for compute (diffusers layerwise casting)"
     Params = LayerwiseCastingParams
-    tags = frozenset({TAG_REWRITES_MODULES})
+    tags = frozenset({TAG_REWRITES_MODULES, TAG_CHANGES_WEIGHTS})
     conflicts = frozenset({"quantize"})
+    # fuse_qkv concatenates weights that layerwise casting already stores in fp8 (fails at apply).
+    after = frozenset({"fuse_qkv"})
+
+    def __init__(self, params: LayerwiseCastingParams):
+        super().__init__(params)
+        self.stored: dict[str, tuple[int, int]] = {}
+
+    def effect(self, pipe: Any) -> StepEffect | None:
+        stored = sum(s for s, _ in self.stored.values())
+        total = sum(t for _, t in self.stored.values())
+        counters = {"weights_in_storage_dtype": stored, "weights": total}
+        summary = f"{stored / max(total, 1):.0%} of {total} weights stored in {self.params.storage_dtype}"
+        if stored == 0:
+            return StepEffect(counters, summary, no_effect="no weight is stored in the storage dtype")
+        return StepEffect(counters, summary)
 
     def apply(self, pipe: Any, ctx: ApplyContext) -> str | None:
         import torch
@@ -61,6 +86,7 @@ class LayerwiseCasting(Optimizer):
                 apply_layerwise_casting(module, storage_dtype=storage, compute_dtype=compute)
             stored = sum(p.numel() for p in module.parameters() if p.dtype == storage)
             total = sum(p.numel() for p in module.parameters())
+            self.stored[component_name] = (stored, total)
             done.append(f"{component_name} ({stored / max(total, 1):.0%} of weights)")
         compute_name = self.params.compute_dtype or str(ctx.dtype).removeprefix("torch.")
         return f"{self.params.storage_dtype} storage, {compute_name} compute: {', '.join(done)}"
@@ -70,7 +96,7 @@ class ChannelsLastParams(StepParams):
     components: ComponentNames | None = Field(None, description="default: the denoiser and the VAE")
 
 
-class ChannelsLast(Optimizer):
+class ChannelsLast(Optimizer[ChannelsLastParams]):
     """Lay 4-D weights out channels-last (NHWC), the layout cuDNN's and inductor's fastest convolution
     kernels use; activations follow the weights' layout.
 
@@ -80,6 +106,7 @@ class ChannelsLast(Optimizer):
     """
 
     name = "channels_last"
+    tags = frozenset({TAG_CHANGES_WEIGHTS})
     summary = "channels-last (NHWC) memory format for convolution weights"
     Params = ChannelsLastParams
 
@@ -90,11 +117,27 @@ class ChannelsLast(Optimizer):
         if names is None:
             names = [denoiser_name(pipe)] + (["vae"] if getattr(pipe, "vae", None) is not None else [])
         done = []
+        self.modules = []
         for component_name, module in components(pipe, names):
             module.to(memory_format=torch.channels_last)
             convs = sum(1 for p in module.parameters() if p.dim() == 4)
+            self.modules.append(module)
             done.append(f"{component_name} ({convs} conv weights)")
         return ", ".join(done)
 
+    def effect(self, pipe: Any) -> StepEffect | None:
+        import torch
 
-OPTIMIZERS: tuple[type[Optimizer], ...] = (LayerwiseCasting, ChannelsLast)
+        weights = [p for m in getattr(self, "modules", []) for p in m.parameters() if p.dim() == 4]
+        laid_out = sum(1 for p in weights if p.is_contiguous(memory_format=torch.channels_last))
+        counters = {"conv_weights": len(weights), "channels_last": laid_out}
+        summary = f"{laid_out} of {len(weights)} conv weights channels-last"
+        if laid_out == 0:
+            return StepEffect(counters, summary, no_effect="no convolution weight is channels-last")
+        return StepEffect(counters, summary)
+
+
+@hookimpl
+def dgrun_register_optimizers(register: Callable[[type], None]) -> None:
+    register(LayerwiseCasting)
+    register(ChannelsLast)

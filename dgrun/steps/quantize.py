@@ -20,18 +20,23 @@ Being load-stage, quantize runs before every pipeline step whatever the recipe o
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from dgrun.hookspecs import hookimpl
 from dgrun.optimizer import (
+    TAG_CHANGES_WEIGHTS,
     TAG_REWRITES_MODULES,
     ApplyContext,
     ComponentNames,
     Environment,
     ModelKind,
     Optimizer,
+    PlanView,
     Stage,
+    StepEffect,
     StepParams,
 )
 from dgrun.steps.denoiser import components, denoiser_name
@@ -117,7 +122,7 @@ def quantized_layers(module: Any) -> tuple[int, int]:
     return sum(1 for m in linears if type(m.weight) not in plain), len(linears)
 
 
-class Quantize(Optimizer):
+class Quantize(Optimizer[QuantizeParams]):
     """Store the weights of the chosen components in 8 (or fewer) bits: less memory, often faster matmuls.
 
     Tagged `rewrites_modules` (quanto replaces Linear layers, torchao swaps their weights): compile comes
@@ -128,7 +133,7 @@ class Quantize(Optimizer):
     summary = "weight quantization per component (torchao, quanto; bitsandbytes, gguf)"
     Params = QuantizeParams
     stage = Stage.LOAD
-    tags = frozenset({TAG_REWRITES_MODULES})
+    tags = frozenset({TAG_REWRITES_MODULES, TAG_CHANGES_WEIGHTS})
     conflicts = frozenset({"fuse_qkv", "layerwise_casting"})
 
     @classmethod
@@ -151,7 +156,41 @@ class Quantize(Optimizer):
             if params.method.startswith("float8_dynamic") and capability is not None and capability < (8, 9):
                 have = ".".join(map(str, capability))
                 return f"torchao {params.method} needs compute capability 8.9+; this GPU has {have}"
+            if params.method == "int4_weight_only" and not env.has_package("mslk"):
+                return "torchao int4_weight_only packs weights with the package mslk (not installed)"
         return None
+
+    @classmethod
+    def combination_problem(cls, params: StepParams, plan: PlanView) -> str | None:
+        if not isinstance(params, QuantizeParams):
+            return None
+        if params.backend == "quanto" and plan.named("group_offloading"):
+            return (
+                "diffusers' group offloading moves plain tensors between devices and cannot move quanto's "
+                "quantized weights; use the torchao backend with group_offloading"
+            )
+        dtype = plan.recipe.model.dtype if plan.recipe is not None else "auto"
+        if (
+            params.backend == "torchao"
+            and params.method == "int4_weight_only"
+            and dtype not in ("bfloat16", "auto")
+        ):
+            return (
+                f"torchao int4_weight_only computes with bfloat16 activations; model.dtype is {dtype}: "
+                "set model.dtype: bfloat16"
+            )
+        return None
+
+    def effect(self, pipe: Any) -> StepEffect | None:
+        names = self.params.components or [denoiser_name(pipe)]
+        counts = {name: quantized_layers(module) for name, module in components(pipe, names)}
+        quantized = sum(q for q, _ in counts.values())
+        total = sum(t for _, t in counts.values())
+        counters = {"quantized_linear_layers": quantized, "linear_layers": total}
+        summary = ", ".join(f"{name} {q}/{t} Linear layers" for name, (q, t) in counts.items())
+        if quantized == 0:
+            return StepEffect(counters, summary, no_effect="no Linear layer holds quantized weights")
+        return StepEffect(counters, summary)
 
     # ---------------------------------------------------------------------------------------- load time
     def _targets(self, model_kind: ModelKind | None) -> list[str]:
@@ -274,4 +313,6 @@ def _torchao_config(method: str) -> Any:
     return getattr(torchao.quantization, TORCHAO_METHODS[method][0])()
 
 
-OPTIMIZERS: tuple[type[Optimizer], ...] = (Quantize,)
+@hookimpl
+def dgrun_register_optimizers(register: Callable[[type], None]) -> None:
+    register(Quantize)

@@ -12,8 +12,10 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from dgrun import ApplyContext, ModelKind, Optimizer, StepParams, hookimpl
+from dgrun import ApplyContext, ModelKind, Optimizer, StepEffect, StepParams, hookimpl
+from dgrun.effects import SkipWatch
 from dgrun.optimizer import TAG_CACHE, TAG_REWRITES_MODULES
+from dgrun.steps.cache import transformer_blocks
 
 __version__ = "0.1.0"
 
@@ -71,16 +73,10 @@ def _quiet_cache_dit() -> None:
 
 def block_count(transformer: Any) -> int:
     """Transformer blocks cache-dit can split into Fn / middle / Bn (all `*blocks` ModuleLists together)."""
-    import torch
-
-    return sum(
-        len(child)
-        for name, child in transformer.named_children()
-        if name.endswith("blocks") and isinstance(child, torch.nn.ModuleList)
-    )
+    return len(transformer_blocks(transformer))
 
 
-class CacheDit(Optimizer):
+class CacheDit(Optimizer[CacheDitParams]):
     """DBCache: compute the first Fn (and last Bn) blocks each step, reuse the middle ones while stable.
 
     cache-dit wraps `__call__` on the pipeline's class; the step gives the pipeline a class of its own first,
@@ -99,6 +95,7 @@ class CacheDit(Optimizer):
     def __init__(self, params: CacheDitParams):
         super().__init__(params)
         self.pipe: Any = None
+        self.watch: SkipWatch | None = None
 
     def apply(self, pipe: Any, ctx: ApplyContext) -> str:
         _quiet_cache_dit()
@@ -137,11 +134,19 @@ class CacheDit(Optimizer):
         cache_dit.enable_cache(pipe, cache_config=cache_config, calibrator_config=calibrator)
         _quiet_cache_dit()  # loggers of modules cache-dit imported just now
         self.pipe = pipe
+        # On a cache hit DBCache reuses the residual of every block after the first Fn: the last one
+        # (unless the last Bn blocks are always computed) runs only on full steps.
+        watched = transformer_blocks(pipe.transformer)[-1 - p.bn_compute_blocks]
+        self.watch = SkipWatch(pipe.transformer, watched, f"block -{p.bn_compute_blocks + 1}")
         detail = f"F{p.fn_compute_blocks}B{p.bn_compute_blocks} of {blocks} blocks, threshold "
         detail += f"{p.residual_diff_threshold}, warmup {p.max_warmup_steps}"
         if p.taylorseer_order is not None:
             detail += f", TaylorSeer order {p.taylorseer_order}"
         return detail
+
+    def effect(self, pipe: Any) -> StepEffect | None:
+        watch, self.watch = self.watch, None
+        return watch.effect() if watch is not None else None
 
     def recover(self, pipe: Any, error: BaseException) -> str | None:
         """Release cache-dit's hooks when the first call failed inside cache-dit."""

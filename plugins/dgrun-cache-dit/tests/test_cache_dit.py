@@ -6,8 +6,6 @@ step rewires the pipeline it is given. The tiny FLUX transformer has 2 + 2 block
 
 from __future__ import annotations
 
-import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +18,18 @@ pytest.importorskip("cache_dit")
 
 from dgrun_cache_dit import CacheDit, CacheDitParams  # noqa: E402
 
-from dgrun.errors import RecipeError  # noqa: E402
-from dgrun.loading import load_recipe  # noqa: E402
-from dgrun.models import static_model_info  # noqa: E402
-from dgrun.optimizer import ApplyContext, Environment, ModelKind  # noqa: E402
-from dgrun.planner import make_plan  # noqa: E402
+from dgrun.optimizer import Environment  # noqa: E402
 from dgrun.plugins import build_registry  # noqa: E402
-from dgrun.testing import count_calls, generate_array, run_recipe_data, tiny_pipeline  # noqa: E402
+from dgrun.testing import (  # noqa: E402
+    apply_context,
+    cached_run,
+    count_calls,
+    generate_array,
+    last_block_mlp,
+    plan_problem,
+    run_recipe_data,
+    tiny_pipeline,
+)
 
 PROMPT = "a red circle on a blue background"
 STEPS = 8
@@ -35,65 +38,43 @@ CPU = Environment(device="cpu", device_kind="cpu")
 FAST = {"fn_compute_blocks": 1, "max_warmup_steps": 2, "residual_diff_threshold": 0.5}
 
 
-def _ctx() -> ApplyContext:
-    return ApplyContext(env=CPU, model_kind=ModelKind.TRANSFORMER, dtype=torch.float32, width=32, height=32)
-
-
-def _generate(pipe: Any) -> np.ndarray:
-    return generate_array(pipe, PROMPT, STEPS)
-
-
-def _counting(module: torch.nn.Module) -> Iterator[list[int]]:
-    return count_calls(module)
-
-
-def _last_mlp(pipe: Any) -> torch.nn.Module:
-    """Inside the last block: it runs only when that block is computed, not served from the cache."""
-    return pipe.transformer.single_transformer_blocks[-1].proj_mlp
-
-
 @pytest.fixture(scope="module")
 def baseline() -> np.ndarray:
-    return _generate(tiny_pipeline("transformer"))
+    return generate_array(tiny_pipeline("transformer"), PROMPT, STEPS)
 
 
 def test_cache_dit_reuses_the_middle_blocks(baseline: np.ndarray) -> None:
     from diffusers import FluxPipeline
 
     pipe = tiny_pipeline("transformer")
-    detail = CacheDit(CacheDitParams(**FAST)).apply(pipe, _ctx())
+    detail = CacheDit(CacheDitParams(**FAST)).apply(pipe, apply_context("transformer"))
 
     assert detail == "F1B0 of 4 blocks, threshold 0.5, warmup 2"
     assert isinstance(pipe, FluxPipeline) and type(pipe).__name__ == "FluxPipeline"
     assert type(pipe).__call__ is not FluxPipeline.__call__  # cache-dit's per-call context wrapper ...
     assert "_original_call" not in vars(FluxPipeline)  # ... on this pipeline's own class only
-    with _counting(_last_mlp(pipe)) as calls:
-        image = _generate(pipe)
-    assert calls[0] < STEPS, f"the last block ran on all {STEPS} steps"
-    assert calls[0] >= 2  # the warm-up steps always compute
-    diff = np.abs(image - baseline)
-    assert diff.max() > 0, "reusing cached blocks did not change the image at all"
-    assert diff.mean() < 0.02
-
-    # The cache context is reset per call: the runner's warm-up call does not leak into the next one.
-    with _counting(_last_mlp(pipe)) as calls_again:
-        again = _generate(pipe)
-    assert calls_again[0] == calls[0]
-    np.testing.assert_allclose(again, image, atol=1e-6, rtol=0)
+    # Also checks that the cache context is reset per call (a second call repeats the first exactly: the
+    # runner's warm-up call does not leak into the next one) and that reusing blocks changed the image.
+    calls, diff = cached_run(pipe, last_block_mlp(pipe), PROMPT, STEPS, baseline)
+    assert calls < STEPS, f"the last block ran on all {STEPS} steps"
+    assert calls >= 2  # the warm-up steps always compute
+    assert diff < 0.02
 
     # Another pipeline of the same class in this process is not touched.
     other = tiny_pipeline("transformer")
-    with _counting(_last_mlp(other)) as other_calls:
-        np.testing.assert_allclose(_generate(other), baseline, atol=1e-6, rtol=0)
+    with count_calls(last_block_mlp(other)) as other_calls:
+        np.testing.assert_allclose(generate_array(other, PROMPT, STEPS), baseline, atol=1e-6, rtol=0)
     assert other_calls[0] == STEPS
 
 
 def test_a_zero_threshold_never_reuses(baseline: np.ndarray) -> None:
     pipe = tiny_pipeline("transformer")
-    CacheDit(CacheDitParams(**{**FAST, "residual_diff_threshold": 1e-9})).apply(pipe, _ctx())
+    CacheDit(CacheDitParams(**{**FAST, "residual_diff_threshold": 1e-9})).apply(
+        pipe, apply_context("transformer")
+    )
 
-    with _counting(_last_mlp(pipe)) as calls:
-        image = _generate(pipe)
+    with count_calls(last_block_mlp(pipe)) as calls:
+        image = generate_array(pipe, PROMPT, STEPS)
 
     assert calls[0] == STEPS
     np.testing.assert_allclose(image, baseline, atol=1e-5, rtol=0)
@@ -101,11 +82,11 @@ def test_a_zero_threshold_never_reuses(baseline: np.ndarray) -> None:
 
 def test_taylorseer_forecasting_is_passed_to_cache_dit() -> None:
     pipe = tiny_pipeline("transformer")
-    detail = CacheDit(CacheDitParams(**FAST, taylorseer_order=1)).apply(pipe, _ctx())
+    detail = CacheDit(CacheDitParams(**FAST, taylorseer_order=1)).apply(pipe, apply_context("transformer"))
 
     assert detail.endswith("TaylorSeer order 1")
-    with _counting(_last_mlp(pipe)) as calls:
-        _generate(pipe)
+    with count_calls(last_block_mlp(pipe)) as calls:
+        generate_array(pipe, PROMPT, STEPS)
     assert calls[0] < STEPS
 
 
@@ -114,20 +95,20 @@ def test_more_compute_blocks_than_the_model_has_is_refused_before_patching() -> 
 
     pipe = tiny_pipeline("transformer")
     with pytest.raises(ValueError, match=r"fn_compute_blocks \+ bn_compute_blocks = 8 but .* has 4 blocks"):
-        CacheDit(CacheDitParams()).apply(pipe, _ctx())  # cache-dit's default F8B0
+        CacheDit(CacheDitParams()).apply(pipe, apply_context("transformer"))  # cache-dit's default F8B0
     assert type(pipe) is FluxPipeline
 
 
 def test_a_pipeline_cache_dit_does_not_know_is_refused() -> None:
     pipe = tiny_pipeline("unet")
     with pytest.raises(RuntimeError, match="cache-dit has no block adapter for StableDiffusionPipeline"):
-        CacheDit(CacheDitParams(**FAST)).apply(pipe, _ctx())
+        CacheDit(CacheDitParams(**FAST)).apply(pipe, apply_context("transformer"))
 
 
 def test_recover_releases_cache_dit_after_a_failure_inside_it(baseline: np.ndarray) -> None:
     pipe = tiny_pipeline("transformer")
     step = CacheDit(CacheDitParams(**FAST))
-    step.apply(pipe, _ctx())
+    step.apply(pipe, apply_context("transformer"))
     assert step.recover(pipe, RuntimeError("not from cache-dit")) is None
     import cache_dit
 
@@ -137,7 +118,7 @@ def test_recover_releases_cache_dit_after_a_failure_inside_it(baseline: np.ndarr
     message = step.recover(pipe, info.value)
 
     assert message is not None and message.startswith("disabled: cache-dit failed on the first call")
-    np.testing.assert_allclose(_generate(pipe), baseline, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(generate_array(pipe, PROMPT, STEPS), baseline, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -164,27 +145,16 @@ def test_plugin_is_found_through_its_entry_point(monkeypatch: pytest.MonkeyPatch
     assert CacheDit.unavailable_reason(CPU) is None
 
 
-def _problems(tmp_path: Path, steps: str, model: str) -> list[str]:
-    path = tmp_path / "recipe.yaml"
-    optimize = textwrap.indent(textwrap.dedent(steps), "  ")
-    path.write_text(f"dgrun: 1\nname: rules\nmodel:\n  id: {model}\nprompts: [a cat]\noptimize:\n{optimize}")
-    loaded = load_recipe(path)
-    kind, label = static_model_info(loaded.recipe.model.id)
-    with pytest.raises(RecipeError) as info:
-        make_plan(
-            loaded.recipe.optimize, build_registry(), CPU, loaded.source, model_kind=kind, model_label=label
-        )
-    return [p.message for p in info.value.problems]
-
-
 def test_planner_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DGRUN_LOAD_PLUGINS", raising=False)
 
-    [unet] = _problems(tmp_path, "- cache_dit\n", "dgrun:tiny-sd")
+    unet = plan_problem(tmp_path, "  - cache_dit\n", CPU, "dgrun:tiny-sd").message
     assert "'cache_dit' works on transformer pipelines only" in unet and "StableDiffusionPipeline" in unet
-    [conflict] = _problems(tmp_path, "- first_block_cache\n- cache_dit\n", "dgrun:tiny-flux")
+    conflict = plan_problem(
+        tmp_path, "  - first_block_cache\n  - cache_dit\n", CPU, "dgrun:tiny-flux"
+    ).message
     assert "step 'cache_dit' conflicts with 'first_block_cache'" in conflict
-    [order] = _problems(tmp_path, "- cache_dit\n- fuse_qkv\n", "dgrun:tiny-flux")
+    order = plan_problem(tmp_path, "  - cache_dit\n  - fuse_qkv\n", CPU, "dgrun:tiny-flux").message
     assert (
         "step 'fuse_qkv' must come before 'cache_dit'" in order
         and "a valid order: fuse_qkv, cache_dit" in order

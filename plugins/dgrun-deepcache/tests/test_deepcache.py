@@ -6,7 +6,6 @@ step rewires the UNet it is given.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,29 +17,11 @@ pytest.importorskip("DeepCache")
 
 from dgrun_deepcache import DeepCache, DeepCacheParams  # noqa: E402
 
-from dgrun.optimizer import ApplyContext, Environment, ModelKind  # noqa: E402
-from dgrun.testing import count_calls, generate_array, tiny_pipeline  # noqa: E402
+from dgrun.optimizer import Environment  # noqa: E402
+from dgrun.testing import apply_context, count_calls, generate_array, tiny_pipeline  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 STEPS = 6
-
-
-def _ctx() -> ApplyContext:
-    return ApplyContext(
-        env=Environment(device="cpu", device_kind="cpu"),
-        model_kind=ModelKind.UNET,
-        dtype=torch.float32,
-        width=32,
-        height=32,
-    )
-
-
-def _generate(pipe, steps: int = STEPS) -> np.ndarray:
-    return generate_array(pipe, PROMPT, steps)
-
-
-def _counting(*modules: torch.nn.Module) -> Iterator[list[int]]:
-    return count_calls(*modules)
 
 
 def _probes(pipe) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -59,8 +40,8 @@ def _probes(pipe) -> tuple[torch.nn.Module, torch.nn.Module]:
 def baseline() -> tuple[np.ndarray, list[int]]:
     """The untouched pipeline's image, and how often the deep and the shallow probe ran for it."""
     pipe = tiny_pipeline("unet")
-    with _counting(*_probes(pipe)) as counts:
-        image = _generate(pipe)
+    with count_calls(*_probes(pipe)) as counts:
+        image = generate_array(pipe, PROMPT, STEPS)
     return image, counts
 
 
@@ -70,12 +51,12 @@ def test_deepcache_reuses_deep_features_between_full_steps(baseline: tuple[np.nd
     pipe = tiny_pipeline("unet")
     unet = pipe.unet
 
-    detail = DeepCache(DeepCacheParams(interval=3)).apply(pipe, _ctx())
+    detail = DeepCache(DeepCacheParams(interval=3)).apply(pipe, apply_context("unet"))
 
     assert detail == "interval 3, branch 0"
     assert pipe.unet is unet
-    with _counting(*_probes(pipe)) as counts:
-        image = _generate(pipe)
+    with count_calls(*_probes(pipe)) as counts:
+        image = generate_array(pipe, PROMPT, STEPS)
     deep, shallow = counts
     assert deep == 2, f"mid block ran {deep} of {STEPS} steps; interval 3 should run it on steps 0 and 3"
     assert shallow == STEPS
@@ -84,18 +65,18 @@ def test_deepcache_reuses_deep_features_between_full_steps(baseline: tuple[np.nd
     assert diff.mean() < 0.05
 
     # The runner calls the pipeline several times (warm-up, then batches): each call starts with a full step.
-    with _counting(*_probes(pipe)) as counts_again:
-        again = _generate(pipe)
+    with count_calls(*_probes(pipe)) as counts_again:
+        again = generate_array(pipe, PROMPT, STEPS)
     assert counts_again == counts
     np.testing.assert_allclose(again, image, atol=1e-6, rtol=0)
 
 
 def test_deepcache_interval_one_runs_every_step(baseline: tuple[np.ndarray, list[int]]) -> None:
     pipe = tiny_pipeline("unet")
-    DeepCache(DeepCacheParams(interval=1)).apply(pipe, _ctx())
+    DeepCache(DeepCacheParams(interval=1)).apply(pipe, apply_context("unet"))
 
-    with _counting(*_probes(pipe)) as counts:
-        image = _generate(pipe)
+    with count_calls(*_probes(pipe)) as counts:
+        image = generate_array(pipe, PROMPT, STEPS)
 
     assert counts == baseline[1]
     np.testing.assert_allclose(image, baseline[0], atol=1e-5, rtol=0)
@@ -104,11 +85,11 @@ def test_deepcache_interval_one_runs_every_step(baseline: tuple[np.ndarray, list
 def test_deeper_branch_keeps_more_of_the_unet_running() -> None:
     # branch 5 = down block 1, layer 2: the first down/up block always runs, only the deepest part is cached.
     pipe = tiny_pipeline("unet")
-    DeepCache(DeepCacheParams(interval=3, branch_id=5)).apply(pipe, _ctx())
+    DeepCache(DeepCacheParams(interval=3, branch_id=5)).apply(pipe, apply_context("unet"))
     first_down = pipe.unet.down_blocks[0].resnets[0].conv1
 
-    with _counting(*_probes(pipe), first_down) as counts:
-        _generate(pipe)
+    with count_calls(*_probes(pipe), first_down) as counts:
+        generate_array(pipe, PROMPT, STEPS)
 
     assert counts == [2, STEPS, STEPS]
 
@@ -117,7 +98,7 @@ def test_branch_id_out_of_range_is_rejected_before_touching_the_unet() -> None:
     pipe = tiny_pipeline("unet")
 
     with pytest.raises(ValueError, match=r"branch_id 6 is out of range.*2 down blocks"):
-        DeepCache(DeepCacheParams(branch_id=6)).apply(pipe, _ctx())
+        DeepCache(DeepCacheParams(branch_id=6)).apply(pipe, apply_context("unet"))
 
     assert "forward" not in vars(pipe.unet)  # DeepCache wraps by setting instance `forward` attributes
     assert "forward" not in vars(pipe.unet.mid_block)

@@ -25,12 +25,13 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from dgrun import ApplyContext, Environment, Optimizer, StepParams, hookimpl
+from dgrun import ApplyContext, Environment, Optimizer, PlanView, StepParams, hookimpl
 from dgrun.distributed import Distributed
 from dgrun.errors import UsageError
 from dgrun.optimizer import (
     TAG_ATTENTION,
     TAG_CACHE,
+    TAG_CHANGES_WEIGHTS,
     TAG_OFFLOAD,
     TAG_PARALLEL,
     TAG_REWRITES_MODULES,
@@ -219,7 +220,7 @@ def xfuser_arguments(
     return arguments
 
 
-class Xdit(Optimizer):
+class Xdit(Optimizer[XditParams]):
     """Split each image over ranks with xDiT (USP, CFG, PipeFusion, TP); dgrun shards prompts over groups."""
 
     name = "xdit"
@@ -232,11 +233,26 @@ class Xdit(Optimizer):
     conflicts = frozenset(
         {"#" + TAG_OFFLOAD, "compile", "#" + TAG_PARALLEL, "#" + TAG_ATTENTION, "#" + TAG_CACHE}
     )
-    after = frozenset({"quantize", "fuse_qkv", "layerwise_casting", "channels_last"})
+    after = frozenset({"#" + TAG_CHANGES_WEIGHTS})
 
     def __init__(self, params: XditParams):
         super().__init__(params)
         self.engine: Any = None
+
+    @classmethod
+    def combination_problem(cls, params: StepParams, plan: PlanView) -> str | None:
+        """xDiT's FLUX pipeline takes no negative prompt and no true CFG: it would drop them silently."""
+        recipe = plan.recipe
+        if recipe is None or not (plan.pipeline_class or "").startswith("Flux"):
+            return None
+        negatives = recipe.generate.negative_prompt is not None or any(p.negative for p in recipe.prompts)
+        true_cfg = recipe.generate.extra.get("true_cfg_scale")
+        if negatives or (isinstance(true_cfg, (int, float)) and true_cfg > 1):
+            return (
+                "xDiT's FLUX pipeline ignores negative prompts and true CFG (true_cfg_scale): remove them "
+                "or run this recipe without xdit"
+            )
+        return None
 
     @classmethod
     def unavailable_reason(cls, env: Environment, params: StepParams | None = None) -> str | None:
@@ -269,15 +285,15 @@ class Xdit(Optimizer):
     @property
     def ranks_per_image(self) -> int:
         """How many ranks make each image together: the runner shards prompts over the groups."""
-        return self.params.ranks_per_image  # type: ignore[attr-defined]
+        return self.params.ranks_per_image
 
     @property
     def image_rank_in_group(self) -> int:
         """Where xDiT leaves the images: the group's last rank, or rank 0 when the VAE is parallel."""
-        return 0 if self.params.use_parallel_vae else self.ranks_per_image - 1  # type: ignore[attr-defined]
+        return 0 if self.params.use_parallel_vae else self.ranks_per_image - 1
 
     def apply(self, pipe: Any, ctx: ApplyContext) -> str:
-        params: XditParams = self.params  # type: ignore[assignment]
+        params = self.params
         batch = getattr(ctx.generate, "batch_size", 1)
         if params.data_parallel_degree > 1 and batch > 1:
             raise ValueError(
@@ -294,6 +310,9 @@ class Xdit(Optimizer):
         )
         arguments = xfuser_arguments(params, ctx.width, ctx.height, ctx.generate)
         engine_config, input_config = xFuserArgs(model="", **arguments).create_config()
+        # xfuser's runtime dtype defaults to float16; the model was loaded in the recipe's dtype.
+        if ctx.dtype is not None:
+            engine_config.runtime_config.dtype = ctx.dtype
         self.engine = xDiTParallel(pipe, engine_config, input_config)
         route_calls_through(pipe, self.engine)
         detail = params.degree_formula() + f" ranks; {params.ranks_per_image} per image"

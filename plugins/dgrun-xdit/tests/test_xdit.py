@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import dgrun_xdit
 import pytest
@@ -33,10 +32,6 @@ CPU = Environment(device="cpu", device_kind="cpu")
 CUDA = Environment(device="cuda:0", device_kind="cuda")
 USP = "  - xdit: {ulysses_degree: 2, ring_degree: 2, data_parallel_degree: 2}\n"
 LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
-
-
-def _plan(tmp_path: Path, steps: str, env: Environment, model: str = "dgrun:tiny-flux"):
-    return plan_steps(tmp_path, steps, env, model)
 
 
 @pytest.fixture
@@ -100,7 +95,7 @@ def test_xfuser_gets_the_degrees_and_the_shape_of_the_calls_to_come():
 # ------------------------------------------------------------------------------- availability gate
 def test_without_xfuser_the_step_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(Environment, "has_package", staticmethod(lambda name: name != "xfuser"))
-    plan = _plan(tmp_path, USP, CUDA)
+    plan = plan_steps(tmp_path, USP, CUDA)
     assert plan.blocking() == plan.steps  # recipes default to on_unavailable: fail
     reason = plan.steps[0].reason
     assert "needs the package xfuser" in reason and "dgrun-xdit[xfuser]" in reason
@@ -110,29 +105,29 @@ def test_an_xfuser_that_does_not_import_is_reported_at_run_time(tmp_path, xfuser
     problem = "ModuleNotFoundError: No module named 'triton'"
     xfuser_installed.setattr(dgrun_xdit, "_import_problem", lambda: problem)
     probed = Environment(device="cuda:0", device_kind="cuda", probed=True)
-    reason = _plan(tmp_path, USP, probed).steps[0].reason
+    reason = plan_steps(tmp_path, USP, probed).steps[0].reason
     assert "does not import" in reason and "triton" in reason and "CUDA build of PyTorch" in reason
     # `dgrun check` does not import torch or xfuser: there the package being installed is enough
     _launch(xfuser_installed, 8)
-    assert _plan(tmp_path, USP, CUDA).blocking() == []
+    assert plan_steps(tmp_path, USP, CUDA).blocking() == []
 
 
 def test_the_step_needs_cuda_and_a_launch_of_the_right_size(tmp_path, xfuser_installed):
-    on_cpu = _plan(tmp_path, USP, CPU).steps[0]
+    on_cpu = plan_steps(tmp_path, USP, CPU).steps[0]
     assert "needs CUDA" in on_cpu.reason and "NCCL" in on_cpu.reason
-    alone = _plan(tmp_path, USP, CUDA).steps[0]
+    alone = plan_steps(tmp_path, USP, CUDA).steps[0]
     assert "data_parallel_degree 2 × ulysses_degree 2 × ring_degree 2 = 8" in alone.reason
     assert "torchrun --nproc_per_node 8" in alone.reason and "world size 1" in alone.reason
     _launch(xfuser_installed, 4, rank=3)
-    assert "world size 4" in _plan(tmp_path, USP, CUDA).steps[0].reason
+    assert "world size 4" in plan_steps(tmp_path, USP, CUDA).steps[0].reason
     _launch(xfuser_installed, 8, rank=5)
-    plan = _plan(tmp_path, USP, CUDA)
+    plan = plan_steps(tmp_path, USP, CUDA)
     assert plan.blocking() == [] and plan.steps[0].reason is None
 
 
 def test_a_recipe_may_let_xdit_be_skipped_where_it_cannot_run(tmp_path, xfuser_installed):
     steps = "  - xdit: {ulysses_degree: 2, on_unavailable: skip}\n"
-    plan = _plan(tmp_path, steps, CPU)
+    plan = plan_steps(tmp_path, steps, CPU)
     assert plan.blocking() == [] and "needs CUDA" in plan.steps[0].outlook()
 
 
@@ -143,21 +138,21 @@ def test_a_recipe_may_let_xdit_be_skipped_where_it_cannot_run(tmp_path, xfuser_i
 )
 def test_xdit_excludes_what_the_compatibility_table_excludes(tmp_path, xfuser_installed, other):
     with pytest.raises(RecipeError) as conflict:
-        _plan(tmp_path, USP + f"  - {other}\n", CUDA)
+        plan_steps(tmp_path, USP + f"  - {other}\n", CUDA)
     assert "xdit" in str(conflict.value) and other in str(conflict.value)
 
 
 def test_xdit_and_context_parallel_are_one_parallelism_too_many(tmp_path, xfuser_installed):
     with pytest.raises(RecipeError, match="context_parallel"):
-        _plan(tmp_path, USP + "  - context_parallel: {ulysses_degree: 2}\n", CUDA)
+        plan_steps(tmp_path, USP + "  - context_parallel: {ulysses_degree: 2}\n", CUDA)
 
 
 def test_module_rewrites_come_before_xdit_wraps_the_pipeline(tmp_path, xfuser_installed):
     with pytest.raises(RecipeError) as order:
-        _plan(tmp_path, USP + "  - fuse_qkv\n", CUDA)
+        plan_steps(tmp_path, USP + "  - fuse_qkv\n", CUDA)
     assert "fuse_qkv" in str(order.value) and "before" in str(order.value)
     _launch(xfuser_installed, 8)
-    plan = _plan(tmp_path, "  - fuse_qkv\n  - vae_tiling\n" + USP, CUDA)
+    plan = plan_steps(tmp_path, "  - fuse_qkv\n  - vae_tiling\n" + USP, CUDA)
     assert plan.blocking() == [] and [s.name for s in plan.ordered()] == ["fuse_qkv", "vae_tiling", "xdit"]
 
 
@@ -190,7 +185,7 @@ def test_the_translation_command_prints_an_entry_that_plans_to_the_same_params(t
     assert "torchrun --nproc_per_node 8" in done.stdout
     entry = next(line for line in done.stdout.splitlines() if line.strip().startswith("- xdit"))
     _launch(xfuser_installed, 8)
-    step = _plan(tmp_path, f"  {entry.strip()}\n", CUDA).steps[0]
+    step = plan_steps(tmp_path, f"  {entry.strip()}\n", CUDA).steps[0]
     assert step.params == XditParams(ulysses_degree=4, data_parallel_degree=2)
     empty = {k: v for k, v in os.environ.items() if not k.startswith("DG_XDIT_")}
     missing = subprocess.run(

@@ -8,7 +8,7 @@ pipeline's: measured 0.002–0.006 for int8 on these random-weight models, 0.017
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,46 +17,26 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dgrun.errors import RecipeError  # noqa: E402
-from dgrun.loading import load_recipe  # noqa: E402
-from dgrun.optimizer import ApplyContext, Environment, ModelKind  # noqa: E402
-from dgrun.planner import plan_recipe  # noqa: E402
-from dgrun.plugins import Registry, build_registry  # noqa: E402
+from dgrun.optimizer import Environment, ModelKind  # noqa: E402
 from dgrun.steps.quantize import Quantize, quantized_layers  # noqa: E402
-from dgrun.testing import generate_array, run_recipe_data, tiny_pipeline  # noqa: E402
+from dgrun.testing import (  # noqa: E402
+    apply_context,
+    generate_array,
+    plan_problem,
+    plan_steps,
+    run_recipe_data,
+    tiny_pipeline,
+)
 
 CPU = Environment(device="cpu", device_kind="cpu")
 CUDA = Environment(device="cuda", device_kind="cuda", cuda_capability=(9, 0))
 PROMPT = "a red circle on a blue background"
+STEPS = 2
 QUANT_MAX = 0.05
 
 
-def _ctx(kind: ModelKind | None = None) -> ApplyContext:
-    return ApplyContext(env=CPU, model_kind=kind, dtype=torch.float32, width=32, height=32)
-
-
-def _generate(pipe: Any) -> np.ndarray:
-    return generate_array(pipe, PROMPT, 2)
-
-
-def _denoiser(pipe: Any) -> Any:
-    return getattr(pipe, "transformer", None) or pipe.unet
-
-
-@pytest.fixture(scope="module")
-def baseline() -> Callable[[str], np.ndarray]:
-    cache: dict[str, np.ndarray] = {}
-
-    def get(kind: str) -> np.ndarray:
-        if kind not in cache:
-            cache[kind] = _generate(tiny_pipeline(kind))
-        return cache[kind]
-
-    return get
-
-
 def _close(pipe: Any, reference: np.ndarray) -> None:
-    assert np.abs(_generate(pipe) - reference).max() <= QUANT_MAX
+    assert np.abs(generate_array(pipe, PROMPT, STEPS) - reference).max() <= QUANT_MAX
 
 
 # ---------------------------------------------------------------------------------------------- torchao
@@ -66,7 +46,7 @@ def test_torchao_int8_weight_only_quantizes_the_denoisers_linears(baseline) -> N
     step = Quantize(Quantize.Params())  # defaults: torchao int8_weight_only
     assert step.params.method == "int8_weight_only"
 
-    detail = step.apply(pipe, _ctx())
+    detail = step.apply(pipe, apply_context("unet"))
 
     linear = next(m for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear))
     weight = linear.weight
@@ -76,34 +56,36 @@ def test_torchao_int8_weight_only_quantizes_the_denoisers_linears(baseline) -> N
     assert quantized == total > 0
     assert quantized_layers(pipe.text_encoder)[0] == 0  # other components untouched by default
     assert detail == f"torchao int8_weight_only: unet {total}/{total} Linear layers (in place)"
-    _close(pipe, baseline("unet"))
+    _close(pipe, baseline("unet", PROMPT, STEPS))
 
 
 def test_torchao_quantizes_a_text_encoder_too(baseline) -> None:
     pytest.importorskip("torchao")
     pipe = tiny_pipeline("transformer")
-    Quantize(Quantize.Params(components=["transformer", "text_encoder"])).apply(pipe, _ctx())
+    Quantize(Quantize.Params(components=["transformer", "text_encoder"])).apply(
+        pipe, apply_context("transformer")
+    )
     assert quantized_layers(pipe.text_encoder)[0] > 0
-    _close(pipe, baseline("transformer"))
+    _close(pipe, baseline("transformer", PROMPT, STEPS))
 
 
 # ----------------------------------------------------------------------------------------------- quanto
 def test_quanto_replaces_linears_and_freezes_their_weights(baseline) -> None:
     pytest.importorskip("optimum.quanto")
     pipe = tiny_pipeline("transformer")
-    Quantize(Quantize.Params(backend="quanto")).apply(pipe, _ctx())
+    Quantize(Quantize.Params(backend="quanto")).apply(pipe, apply_context("transformer"))
 
     linear = pipe.transformer.transformer_blocks[0].attn.to_q
     assert type(linear).__name__ == "QLinear"
     assert linear.weight._data.dtype == torch.int8  # frozen: the int8 data, no float copy kept
     assert quantized_layers(pipe.transformer)[0] == quantized_layers(pipe.transformer)[1]
-    _close(pipe, baseline("transformer"))
+    _close(pipe, baseline("transformer", PROMPT, STEPS))
 
 
 def test_quanto_qfloat8_stores_fp8_weights() -> None:
     pytest.importorskip("optimum.quanto")
     pipe = tiny_pipeline("transformer")
-    Quantize(Quantize.Params(backend="quanto", method="qfloat8")).apply(pipe, _ctx())
+    Quantize(Quantize.Params(backend="quanto", method="qfloat8")).apply(pipe, apply_context("transformer"))
     assert pipe.transformer.transformer_blocks[0].attn.to_q.weight._data.dtype == torch.float8_e4m3fn
 
 
@@ -131,7 +113,7 @@ def test_load_kwargs_map_the_denoiser_and_leave_text_encoders_to_apply() -> None
     from diffusers import TorchAoConfig
 
     def mapping(params: Any, kind: ModelKind | None) -> dict[str, Any]:
-        kwargs = Quantize(params).load_kwargs(_ctx(kind))
+        kwargs = Quantize(params).load_kwargs(replace(apply_context(), model_kind=kind))
         return kwargs["quantization_config"].quant_mapping if kwargs else {}
 
     assert set(mapping(Quantize.Params(), ModelKind.UNET)) == {"unet"}
@@ -167,13 +149,13 @@ def test_gguf_swaps_in_the_quantized_component(tmp_path: Path, baseline) -> None
     _write_gguf(pipe.transformer, tmp_path / "transformer.gguf")
     step = Quantize(Quantize.Params(backend="gguf", checkpoint=str(tmp_path / "transformer.gguf")))
 
-    detail = step.apply(pipe, _ctx())
+    detail = step.apply(pipe, apply_context("transformer"))
 
     linear = pipe.transformer.transformer_blocks[0].attn.to_q
     assert type(linear).__name__ == "GGUFLinear"
     assert type(linear.weight).__name__ == "GGUFParameter" and linear.weight.dtype == torch.uint8
     assert "transformer loaded from" in detail
-    _close(pipe, baseline("transformer"))
+    _close(pipe, baseline("transformer", PROMPT, STEPS))
 
 
 # --------------------------------------------------------------------------------- params, availability
@@ -220,12 +202,7 @@ def test_the_planner_gates_a_missing_backend_by_package_name(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(Environment, "has_package", staticmethod(lambda name: name != "optimum.quanto"))
-    path = tmp_path / "recipe.yaml"
-    path.write_text(
-        "dgrun: 1\nname: plan\nmodel:\n  id: dgrun:tiny-sd\nprompts: [a cat]\n"
-        "optimize:\n  - quantize: {backend: quanto}\n"
-    )
-    step = plan_recipe(load_recipe(path), build_registry(), CPU).steps[0]
+    step = plan_steps(tmp_path, "  - quantize: {backend: quanto}\n", CPU, model="dgrun:tiny-sd").steps[0]
     assert (
         step.outlook()
         == "will fail here: the quanto backend needs the package optimum.quanto (not installed)"
@@ -255,38 +232,26 @@ def test_a_run_skips_bitsandbytes_on_a_cpu_and_records_why(tmp_path: Path) -> No
 def test_bitsandbytes_on_a_model_built_in_code_is_a_clear_error() -> None:
     step = Quantize(Quantize.Params(backend="bitsandbytes"))
     with pytest.raises(RuntimeError, match="bitsandbytes quantizes while from_pretrained loads"):
-        step.apply(tiny_pipeline("transformer"), _ctx())
+        step.apply(tiny_pipeline("transformer"), apply_context("transformer"))
 
 
 # ------------------------------------------------------------------------------------------------ rules
-@pytest.fixture(scope="module")
-def registry() -> Registry:
-    return build_registry()
-
-
-def _rule_message(registry: Registry, tmp_path: Path, steps: list[str]) -> str:
-    path = tmp_path / "recipe.yaml"
-    items = "".join(f"  - {s}\n" for s in steps)
-    path.write_text(
-        f"dgrun: 1\nname: plan\nmodel:\n  id: dgrun:tiny-flux\nprompts: [a cat]\noptimize:\n{items}"
-    )
-    with pytest.raises(RecipeError) as info:
-        plan_recipe(load_recipe(path), registry, CPU)
-    assert len(info.value.problems) == 1, info.value.problems
-    return info.value.problems[0].message
+def _rule_message(tmp_path: Path, steps: list[str]) -> str:
+    """The one problem of planning these steps on tiny-flux."""
+    return plan_problem(tmp_path, "".join(f"  - {s}\n" for s in steps), CPU).message
 
 
 @pytest.mark.parametrize("other", ["fuse_qkv", "layerwise_casting"])
 @pytest.mark.parametrize("quantize_first", [True, False])
 def test_quantize_conflicts_with_steps_that_rework_its_weights(
-    registry: Registry, tmp_path: Path, other: str, quantize_first: bool
+    tmp_path: Path, other: str, quantize_first: bool
 ) -> None:
     steps = ["quantize", other] if quantize_first else [other, "quantize"]
-    message = _rule_message(registry, tmp_path, steps)
+    message = _rule_message(tmp_path, steps)
     assert f"step '{steps[1]}' conflicts with '{steps[0]}'" in message
 
 
-def test_compile_comes_after_quantize(registry: Registry, tmp_path: Path) -> None:
-    message = _rule_message(registry, tmp_path, ["compile", "quantize"])
+def test_compile_comes_after_quantize(tmp_path: Path) -> None:
+    message = _rule_message(tmp_path, ["compile", "quantize"])
     assert "step 'quantize' must come before 'compile'" in message
     assert message.endswith("a valid order: quantize, compile")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dgrun.models import trainkit
+from dgrun import machine
 
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat")
 
@@ -19,7 +19,7 @@ def test_busy_cores_sees_another_process_spinning():
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)  # let it start spinning
-        busy = trainkit.busy_cores(0.5)
+        busy = machine.busy_cores(0.5)
     finally:
         spinner.kill()
         spinner.wait()
@@ -28,7 +28,7 @@ def test_busy_cores_sees_another_process_spinning():
 
 def test_wait_policy_set_by_the_user_is_kept(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert trainkit.choose_wait_policy() == "ACTIVE (from the environment)"
+    assert machine.choose_wait_policy() == "ACTIVE (from the environment)"
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
@@ -36,7 +36,7 @@ def test_wait_policy_set_by_the_user_is_kept(monkeypatch):
 def test_wait_policy_turns_passive_when_the_cores_are_busy():
     """In a fresh interpreter (torch not loaded yet), with another process spinning on every core."""
     code = (
-        "import os, dgrun.models.trainkit as k; print(k.choose_wait_policy()); "
+        "import os, dgrun.machine as k; print(k.choose_wait_policy()); "
         "print('policy', os.environ.get('OMP_WAIT_POLICY'))"
     )
     env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
